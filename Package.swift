@@ -1,0 +1,57 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "swift-exactly-once",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "ExactlyOnce", targets: ["ExactlyOnce"]),
+        .library(name: "ExactlyOnceTestKit", targets: ["ExactlyOnceTestKit"]),
+        .executable(name: "coupon-demo", targets: ["CouponDemo"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
+    ],
+    targets: [
+        .target(
+            name: "ExactlyOnce",
+            dependencies: [
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .target(
+            name: "ExactlyOnceTestKit",
+            dependencies: ["ExactlyOnce", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(
+            name: "CouponKit",
+            dependencies: ["ExactlyOnce", .product(name: "Logging", package: "swift-log")],
+            path: "Examples/CouponKit"
+        ),
+        .executableTarget(
+            name: "CouponDemo",
+            dependencies: ["CouponKit", "ExactlyOnce", "ExactlyOnceTestKit"],
+            path: "Examples/CouponDemo"
+        ),
+        .testTarget(
+            name: "ExactlyOnceTests",
+            dependencies: [
+                "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit",
+                .product(name: "PropertyBased", package: "swift-property-based"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+    ]
+)
+
+for target in package.targets where [.executable, .test, .regular].contains(target.type) {
+    var settings = target.swiftSettings ?? []
+    settings.append(.enableUpcomingFeature("ExistentialAny"))
+    settings.append(.enableUpcomingFeature("MemberImportVisibility"))
+    target.swiftSettings = settings
+}

@@ -1,0 +1,326 @@
+/// A fencing token: strictly increasing for every new claim a store hands out. A completion
+/// carries the token of its claim; the store refuses a completion whose token is no longer the
+/// key's current one (a zombie, F11).
+public struct FencingToken: Hashable, Sendable, Comparable, CustomStringConvertible {
+    /// The token value.
+    public let rawValue: UInt64
+    /// Wraps a token value.
+    public init(_ rawValue: UInt64) { self.rawValue = rawValue }
+    public static func < (l: FencingToken, r: FencingToken) -> Bool { l.rawValue < r.rawValue }
+    public var description: String { "\(rawValue)" }
+}
+
+/// Ownership of one partition by one consumer-group generation.
+///
+/// The transport hands out a strictly increasing epoch each time a partition is assigned. The
+/// store remembers the highest epoch it has seen per ``scope`` and refuses claims, completions
+/// and releases from a lower epoch, so once a new owner has touched the store a rebalanced-out
+/// member can no longer apply anything, even for keys the new owner has not reached yet. This
+/// is what keeps G2 (order) across rebalances.
+public struct PartitionFence: Hashable, Sendable, CustomStringConvertible {
+    /// What is owned, for example `group/topic/3`.
+    public let scope: String
+    /// The owner's epoch.
+    public let epoch: UInt64
+    /// Creates a fence.
+    public init(scope: String, epoch: UInt64) {
+        self.scope = scope
+        self.epoch = epoch
+    }
+    public var description: String { "\(scope)@\(epoch)" }
+}
+
+/// The result of processing a record, stored with its dedupe record and replayed to duplicates (G4).
+public struct Outcome: Hashable, Sendable, CustomStringConvertible {
+    /// The kind of outcome.
+    public struct Status: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        /// The stored byte.
+        public let rawValue: UInt8
+        /// Wraps a stored byte.
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        /// The effect was applied.
+        public static let applied = Status(rawValue: 0)
+        /// The record was processed and refused by the business rules (for example "sold out").
+        /// A negative outcome is still an outcome: it is stored and replayed.
+        public static let rejected = Status(rawValue: 1)
+        /// The record was given up on and sent to the dead-letter topic.
+        public static let deadLettered = Status(rawValue: 2)
+        public var description: String {
+            switch rawValue {
+            case 0: "applied"
+            case 1: "rejected"
+            case 2: "deadLettered"
+            default: "status(\(rawValue))"
+            }
+        }
+    }
+
+    /// The kind of outcome.
+    public var status: Status
+    /// Application-defined detail (for example an issued serial or a reason), at most 64 KiB.
+    public var detail: [UInt8]
+
+    /// Creates an outcome.
+    public init(status: Status, detail: [UInt8] = []) {
+        self.status = status
+        self.detail = detail
+    }
+    /// An applied outcome with a UTF-8 detail.
+    public static func applied(_ detail: String = "") -> Outcome { Outcome(status: .applied, detail: Array(detail.utf8)) }
+    /// A rejected outcome with a UTF-8 detail.
+    public static func rejected(_ detail: String) -> Outcome { Outcome(status: .rejected, detail: Array(detail.utf8)) }
+    /// The detail as UTF-8 text.
+    public var detailText: String { String(decoding: detail, as: UTF8.self) }
+    public var description: String { "\(status)(\(detail.count) bytes)" }
+}
+
+/// A request to claim a key before processing a record.
+public struct ClaimRequest: Sendable, Hashable {
+    /// The key to claim.
+    public var key: IdempotencyKey
+    /// The payload's fingerprint (G5).
+    public var fingerprint: PayloadFingerprint
+    /// How long the claim is exclusive. After that another claimant may take it over.
+    public var lease: Duration
+    /// The claimant's partition ownership, when it consumes from a partitioned transport.
+    public var fence: PartitionFence?
+    /// Creates a request.
+    public init(key: IdempotencyKey, fingerprint: PayloadFingerprint, lease: Duration, fence: PartitionFence? = nil) {
+        self.key = key
+        self.fingerprint = fingerprint
+        self.lease = lease
+        self.fence = fence
+    }
+}
+
+/// An exclusive, leased claim on a key.
+public struct Claim: Sendable, Hashable {
+    /// The claimed key.
+    public let key: IdempotencyKey
+    /// The claim's fencing token; hand it to effects that live outside the store.
+    public let token: FencingToken
+    /// Which attempt this is (1 for the first). Kept with the record, so it survives restarts.
+    public let attempt: Int
+    /// When the lease ends.
+    public let leaseExpiresAt: Timestamp
+    /// The fingerprint the key was claimed with.
+    public let fingerprint: PayloadFingerprint
+    /// The claimant's partition ownership, if any.
+    public let fence: PartitionFence?
+    /// Creates a claim (stores create these).
+    public init(key: IdempotencyKey, token: FencingToken, attempt: Int, leaseExpiresAt: Timestamp,
+                fingerprint: PayloadFingerprint, fence: PartitionFence?) {
+        self.key = key
+        self.token = token
+        self.attempt = attempt
+        self.leaseExpiresAt = leaseExpiresAt
+        self.fingerprint = fingerprint
+        self.fence = fence
+    }
+}
+
+/// What a claim found.
+///
+/// The four answers are the complete set a dedupe store can give; this enum is not expected
+/// to grow.
+public enum ClaimResult: Sendable, Hashable {
+    /// Nobody processed the key yet (or the last attempt failed or its lease lapsed): process it.
+    case new(Claim)
+    /// The key was processed; here is its stored outcome. Do not process again (G3), answer with it (G4).
+    case completed(Outcome)
+    /// Somebody else holds a live lease on the key. Try again later.
+    case inProgress(leaseExpiresAt: Timestamp)
+    /// The key is known with a different payload fingerprint (G5). The stored outcome is given
+    /// when the first payload completed.
+    case conflict(stored: PayloadFingerprint, outcome: Outcome?)
+}
+
+/// A value of the store's transactional state, with its version (0 when absent).
+public struct VersionedValue: Sendable, Hashable {
+    /// The value, or nil when absent.
+    public var value: [UInt8]?
+    /// Incremented on every write; 0 for a key never written.
+    public var version: UInt64
+    /// Creates a versioned value.
+    public init(value: [UInt8]?, version: UInt64) {
+        self.value = value
+        self.version = version
+    }
+}
+
+/// The state changes of a handler's effect, committed atomically with the completion (G3).
+///
+/// `reads` are optimistic: the completion fails with
+/// ``ExactlyOnceError/Code/transactionConflict`` if any read key's version changed since.
+public struct EffectWrites: Sendable, Hashable {
+    /// Versions observed by the handler, by state key.
+    public var reads: [String: UInt64]
+    /// New values by state key (nil removes the key).
+    public var writes: [String: [UInt8]?]
+    /// No reads and no writes.
+    public static let none = EffectWrites(reads: [:], writes: [:])
+    /// Creates a set of effects.
+    public init(reads: [String: UInt64], writes: [String: [UInt8]?]) {
+        self.reads = reads
+        self.writes = writes
+    }
+}
+
+/// The finished processing of a claimed key.
+public struct Completion: Sendable, Hashable {
+    /// The claim being completed.
+    public var claim: Claim
+    /// The outcome to store and replay to duplicates.
+    public var outcome: Outcome
+    /// The effect, applied atomically with the completion.
+    public var effects: EffectWrites
+    /// Creates a completion.
+    public init(claim: Claim, outcome: Outcome, effects: EffectWrites = .none) {
+        self.claim = claim
+        self.outcome = outcome
+        self.effects = effects
+    }
+}
+
+/// The state of a key in a store, for inspection and audits.
+public struct DedupeRecord: Sendable, Hashable {
+    /// Lifecycle of a record.
+    public enum Phase: UInt8, Sendable, Hashable {
+        /// Claimed, lease running or lapsed.
+        case inProgress = 1
+        /// Released after a failed attempt; claimable again.
+        case released = 2
+        /// Completed with an outcome.
+        case completed = 3
+    }
+    /// The key.
+    public var key: IdempotencyKey
+    /// The fingerprint of the payload the key was first claimed with.
+    public var fingerprint: PayloadFingerprint
+    /// Lifecycle phase.
+    public var phase: Phase
+    /// Attempts so far.
+    public var attempts: Int
+    /// Token of the latest claim.
+    public var token: FencingToken
+    /// Lease end of the latest claim.
+    public var leaseExpiresAt: Timestamp
+    /// The outcome, once completed.
+    public var outcome: Outcome?
+    /// When the record may be forgotten (completed records only).
+    public var expiresAt: Timestamp?
+    /// Reason given by the last release.
+    public var lastFailure: String?
+    /// The fence of the latest claim.
+    public var fence: PartitionFence?
+
+    /// Creates a record.
+    public init(key: IdempotencyKey, fingerprint: PayloadFingerprint, phase: Phase, attempts: Int, token: FencingToken,
+                leaseExpiresAt: Timestamp, outcome: Outcome? = nil, expiresAt: Timestamp? = nil,
+                lastFailure: String? = nil, fence: PartitionFence? = nil) {
+        self.key = key
+        self.fingerprint = fingerprint
+        self.phase = phase
+        self.attempts = attempts
+        self.token = token
+        self.leaseExpiresAt = leaseExpiresAt
+        self.outcome = outcome
+        self.expiresAt = expiresAt
+        self.lastFailure = lastFailure
+        self.fence = fence
+    }
+}
+
+/// A dedupe store: remembers which idempotency keys were processed, with what outcome, and
+/// holds the transactional state that handlers' effects write.
+///
+/// ## Contract (checked by `StoreConformance` in the test kit)
+/// - ``claim(_:)`` answers, per request and in order: ``ClaimResult/new(_:)`` with a fresh
+///   strictly-greater fencing token and `attempt` one more than the record's previous count;
+///   ``ClaimResult/completed(_:)`` with the stored outcome when the key completed with the same
+///   fingerprint; ``ClaimResult/conflict(stored:outcome:)`` when the fingerprint differs;
+///   ``ClaimResult/inProgress(leaseExpiresAt:)`` while another claim's lease runs, unless the
+///   request's fence has a higher epoch in the same scope (then it takes over).
+/// - A request whose fence epoch is lower than the highest seen in its scope throws
+///   ``ExactlyOnceError/Code/fenced`` for the whole batch; a higher epoch raises the scope's epoch.
+/// - ``complete(_:)`` succeeds only for the key's current token, while its lease runs and its
+///   fence is current; otherwise ``ExactlyOnceError/Code/fenced`` and nothing is written. The
+///   effect's reads are validated and its writes applied in the same atomic step. Completing
+///   again with the same token after success succeeds without writing again (idempotent retry
+///   after an unknown outcome).
+/// - ``release(_:reason:)`` makes the key claimable again and keeps its attempt count.
+/// - Unreachable backends throw ``ExactlyOnceError/Code/storeUnavailable``: the caller does not
+///   know whether the operation happened and must claim again before acting.
+public protocol DedupeStore: Sendable {
+    /// Claims keys, answering each request in order.
+    func claim(_ requests: [ClaimRequest]) async throws -> [ClaimResult]
+    /// Completes a claim, applying its effect atomically with the completion record.
+    func complete(_ completion: Completion) async throws
+    /// Gives up a claim after a failed attempt; the attempt count is kept.
+    func release(_ claim: Claim, reason: String) async throws
+    /// Reads transactional state with versions.
+    func readState(_ keys: [String]) async throws -> [String: VersionedValue]
+    /// The records of keys, for audits and operations (absent keys are left out).
+    func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord]
+}
+
+extension DedupeStore {
+    /// Claims one key.
+    public func claim(_ request: ClaimRequest) async throws -> ClaimResult {
+        let results = try await claim([request])
+        guard results.count == 1 else {
+            throw ExactlyOnceError(.storeUnavailable, "store answered \(results.count) results for one claim")
+        }
+        return results[0]
+    }
+
+    /// Reads one state value.
+    public func readState(_ key: String) async throws -> VersionedValue {
+        try await readState([key])[key] ?? VersionedValue(value: nil, version: 0)
+    }
+}
+
+/// The handler's view of the store's transactional state (G3): reads go to the store and are
+/// remembered with their versions; writes are buffered and committed atomically with the
+/// record's completion, or dropped if the handler throws.
+public struct EffectTransaction: Sendable {
+    private let store: any DedupeStore
+    private var reads: [String: UInt64] = [:]
+    private var writes: [String: [UInt8]?] = [:]
+    private var cache: [String: [UInt8]?] = [:]
+
+    /// Starts a transaction on `store`.
+    public init(store: any DedupeStore) { self.store = store }
+
+    /// The value of `key`, seeing this transaction's own writes.
+    public mutating func get(_ key: String) async throws -> [UInt8]? {
+        if let written = writes[key] { return written }
+        if let cached = cache[key] { return cached }
+        let v = try await store.readState(key)
+        reads[key] = v.version
+        cache[key] = v.value
+        return v.value
+    }
+
+    /// Buffers a write of `value` to `key`.
+    public mutating func set(_ key: String, _ value: [UInt8]) { writes[key] = .some(value) }
+
+    /// Buffers the removal of `key`.
+    public mutating func remove(_ key: String) { writes[key] = .some(nil) }
+
+    /// `key` as a decimal integer (nil when absent).
+    /// - Throws: ``ExactlyOnceError/Code/invalidPayload`` when the stored value is not an integer.
+    public mutating func getInt(_ key: String) async throws -> Int64? {
+        guard let bytes = try await get(key) else { return nil }
+        guard let v = Int64(String(decoding: bytes, as: UTF8.self)) else {
+            throw ExactlyOnceError(.invalidPayload, "state key \(IdempotencyKey.abbreviate(key)) does not hold an integer")
+        }
+        return v
+    }
+
+    /// Buffers `value` as a decimal integer.
+    public mutating func setInt(_ key: String, _ value: Int64) { set(key, Array(String(value).utf8)) }
+
+    /// What the transaction read and wrote.
+    public var effects: EffectWrites { EffectWrites(reads: reads, writes: writes) }
+}

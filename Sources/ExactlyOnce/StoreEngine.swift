@@ -1,0 +1,187 @@
+/// The claim/complete/release rules of the dedupe contract as a pure state machine over an
+/// in-memory index. The in-memory store runs it behind a lock; the file store runs it and
+/// journals the resulting records. Keeping the rules in one place means every store that uses
+/// it answers the conformance suite the same way.
+public struct DedupeStateMachine: Sendable {
+    /// Records by key.
+    public private(set) var records: [IdempotencyKey: DedupeRecord] = [:]
+    /// Transactional state by key.
+    public private(set) var state: [String: VersionedValue] = [:]
+    /// Highest epoch seen per fence scope.
+    public private(set) var fences: [String: UInt64] = [:]
+    /// The last token handed out.
+    public private(set) var lastToken: UInt64 = 0
+    /// How long completed records are kept (nil: forever).
+    public var retention: Duration?
+
+    /// Creates an empty state machine.
+    public init(retention: Duration?) { self.retention = retention }
+
+    /// A change the machine made, for journaling stores.
+    public enum Change: Sendable, Hashable {
+        /// A record was created or replaced.
+        case record(DedupeRecord)
+        /// A record was removed (expired or evicted).
+        case removed(IdempotencyKey)
+        /// A state key was written (nil value: removed).
+        case state(key: String, value: VersionedValue)
+        /// A fence scope's epoch was raised.
+        case fence(scope: String, epoch: UInt64)
+    }
+
+    private func checkFence(_ fence: PartitionFence?) throws {
+        guard let fence, let seen = fences[fence.scope] else { return }
+        if fence.epoch < seen {
+            throw ExactlyOnceError(.fenced, "partition \(fence.scope) moved to epoch \(seen); this member holds epoch \(fence.epoch)")
+        }
+    }
+
+    private func isLive(_ r: DedupeRecord, now: Timestamp) -> Bool {
+        guard r.phase == .completed, let e = r.expiresAt else { return true }
+        return now < e
+    }
+
+    /// Applies a batch of claims; `changes` receives what changed.
+    public mutating func claim(_ requests: [ClaimRequest], now: Timestamp, changes: inout [Change]) throws -> [ClaimResult] {
+        for r in requests { try checkFence(r.fence) }
+        for r in requests {
+            if let f = r.fence, (fences[f.scope] ?? 0) < f.epoch {
+                fences[f.scope] = f.epoch
+                changes.append(.fence(scope: f.scope, epoch: f.epoch))
+            }
+        }
+        var results: [ClaimResult] = []
+        results.reserveCapacity(requests.count)
+        for request in requests {
+            var attempts = 0
+            if let existing = records[request.key], isLive(existing, now: now) {
+                if existing.fingerprint != request.fingerprint {
+                    results.append(.conflict(stored: existing.fingerprint, outcome: existing.phase == .completed ? existing.outcome : nil))
+                    continue
+                }
+                switch existing.phase {
+                case .completed:
+                    results.append(.completed(existing.outcome ?? Outcome(status: .applied)))
+                    continue
+                case .inProgress:
+                    let newerOwner: Bool = {
+                        guard let mine = request.fence, let theirs = existing.fence, mine.scope == theirs.scope else { return false }
+                        return mine.epoch > theirs.epoch
+                    }()
+                    if now < existing.leaseExpiresAt && !newerOwner {
+                        results.append(.inProgress(leaseExpiresAt: existing.leaseExpiresAt))
+                        continue
+                    }
+                case .released:
+                    break
+                }
+                attempts = existing.attempts
+            } else if let existing = records[request.key], !isLive(existing, now: now) {
+                records[request.key] = nil
+                changes.append(.removed(existing.key))
+            }
+            lastToken += 1
+            let expires = now.advanced(by: request.lease)
+            let record = DedupeRecord(
+                key: request.key, fingerprint: request.fingerprint, phase: .inProgress, attempts: attempts + 1,
+                token: FencingToken(lastToken), leaseExpiresAt: expires, fence: request.fence
+            )
+            records[request.key] = record
+            changes.append(.record(record))
+            results.append(.new(Claim(key: request.key, token: record.token, attempt: record.attempts,
+                                      leaseExpiresAt: expires, fingerprint: request.fingerprint, fence: request.fence)))
+        }
+        return results
+    }
+
+    private func checkOwner(_ claim: Claim, now: Timestamp) throws -> DedupeRecord {
+        try checkFence(claim.fence)
+        guard let record = records[claim.key] else {
+            throw ExactlyOnceError(.fenced, "key \(claim.key) is no longer held (expired or evicted)")
+        }
+        guard record.token == claim.token else {
+            throw ExactlyOnceError(.fenced, "claim token \(claim.token) on \(claim.key) was superseded by token \(record.token)")
+        }
+        return record
+    }
+
+    /// Applies a completion. Returns false when it was an idempotent repeat.
+    @discardableResult
+    public mutating func complete(_ completion: Completion, now: Timestamp, changes: inout [Change]) throws -> Bool {
+        var record = try checkOwner(completion.claim, now: now)
+        if record.phase == .completed { return false }
+        guard record.phase == .inProgress else {
+            throw ExactlyOnceError(.fenced, "claim token \(record.token) on \(record.key) was released")
+        }
+        guard now < record.leaseExpiresAt else {
+            throw ExactlyOnceError(.fenced, "lease of token \(record.token) on \(record.key) expired before completion")
+        }
+        for (key, version) in completion.effects.reads where (state[key]?.version ?? 0) != version {
+            throw ExactlyOnceError(.transactionConflict, "state key \(IdempotencyKey.abbreviate(key)) changed during the effect")
+        }
+        for (key, value) in completion.effects.writes {
+            let v = VersionedValue(value: value, version: (state[key]?.version ?? 0) + 1)
+            state[key] = v
+            changes.append(.state(key: key, value: v))
+        }
+        record.phase = .completed
+        record.outcome = completion.outcome
+        record.expiresAt = retention.map { now.advanced(by: $0) }
+        records[record.key] = record
+        changes.append(.record(record))
+        return true
+    }
+
+    /// Applies a release.
+    public mutating func release(_ claim: Claim, reason: String, now: Timestamp, changes: inout [Change]) throws {
+        var record = try checkOwner(claim, now: now)
+        guard record.phase == .inProgress else {
+            if record.phase == .released { return }
+            throw ExactlyOnceError(.fenced, "key \(record.key) already completed; it cannot be released")
+        }
+        record.phase = .released
+        record.lastFailure = String(reason.prefix(512))
+        records[record.key] = record
+        changes.append(.record(record))
+    }
+
+    /// Removes completed records whose retention ended; returns how many.
+    public mutating func purgeExpired(now: Timestamp, changes: inout [Change]) -> Int {
+        let expired = records.values.filter { !isLive($0, now: now) }.map(\.key)
+        for key in expired {
+            records[key] = nil
+            changes.append(.removed(key))
+        }
+        return expired.count
+    }
+
+    /// Removes up to `count` completed records, oldest completion first (by token order).
+    public mutating func evictOldestCompleted(_ count: Int, changes: inout [Change]) -> Int {
+        let victims = records.values.filter { $0.phase == .completed }.sorted { $0.token < $1.token }.prefix(count).map(\.key)
+        for key in victims {
+            records[key] = nil
+            changes.append(.removed(key))
+        }
+        return victims.count
+    }
+
+    /// Re-applies a journaled change (recovery).
+    public mutating func replay(_ change: Change) {
+        switch change {
+        case .record(let r):
+            records[r.key] = r
+            lastToken = max(lastToken, r.token.rawValue)
+        case .removed(let k): records[k] = nil
+        case .state(let key, let value):
+            if value.value == nil { state[key] = VersionedValue(value: nil, version: value.version) } else { state[key] = value }
+        case .fence(let scope, let epoch): fences[scope] = max(fences[scope] ?? 0, epoch)
+        }
+    }
+
+    /// Reads state.
+    public func readState(_ keys: [String]) -> [String: VersionedValue] {
+        var out: [String: VersionedValue] = [:]
+        for k in keys { out[k] = state[k] ?? VersionedValue(value: nil, version: 0) }
+        return out
+    }
+}

@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .library(name: "ExactlyOnce", targets: ["ExactlyOnce"]),
         .library(name: "ExactlyOnceTestKit", targets: ["ExactlyOnceTestKit"]),
+        .library(name: "ExactlyOnceRedis", targets: ["ExactlyOnceRedis"]),
         .executable(name: "coupon-demo", targets: ["CouponDemo"]),
     ],
     dependencies: [
@@ -37,6 +38,22 @@ let package = Package(
             name: "CouponDemo",
             dependencies: ["CouponKit", "ExactlyOnce", "ExactlyOnceTestKit"],
             path: "Examples/CouponDemo"
+        ),
+        .systemLibrary(
+            name: "CHiredis",
+            pkgConfig: "hiredis",
+            providers: [.apt(["libhiredis-dev"]), .brew(["hiredis"])]
+        ),
+        .target(
+            name: "ExactlyOnceRedis",
+            dependencies: ["ExactlyOnce", "CHiredis", .product(name: "Logging", package: "swift-log")]
+        ),
+        .testTarget(
+            name: "ExactlyOnceRedisTests",
+            dependencies: [
+                "ExactlyOnceRedis", "ExactlyOnce", "ExactlyOnceTestKit",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "ExactlyOnceTests",

@@ -1,0 +1,126 @@
+import ExactlyOnce
+import Testing
+@testable import ExactlyOnceRedis
+
+/// A small deterministic generator, so a failing seed can be replayed.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// Random reply trees, biased towards the tags and shapes the scripts really answer, so the
+/// decoders' deeper branches are reached, not only their first shape check.
+struct ReplyGenerator {
+    var rng: SplitMix64
+    static let words = ["N", "D", "P", "C", "FENCED", "OK", "REPEAT", "CONFLICT", "epoch", "missing", "superseded",
+                        "released", "expired", "completed", "1", "0", "", "-1", "3", "2", "256", "18446744073709551615",
+                        "18446744073709551616", "9223372036854775807", "-9223372036854775808", "x", "1e3", " 1"]
+
+    mutating func leaf() -> RedisReply {
+        switch Int.random(in: 0..<7, using: &rng) {
+        case 0, 1: return .string(Array(Self.words.randomElement(using: &rng)!.utf8))
+        case 2: return .string((0..<Int.random(in: 0..<80, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) })
+        case 3: return .integer([0, 1, 2, 3, -1, .max, .min, Int64.random(in: -1000...1000, using: &rng)].randomElement(using: &rng)!)
+        case 4: return .null
+        case 5: return .status(Self.words.randomElement(using: &rng)!)
+        default: return .error(["NOSCRIPT No matching script", "ERR x", "OOM command not allowed", ""].randomElement(using: &rng)!)
+        }
+    }
+
+    mutating func tree(depth: Int) -> RedisReply {
+        if depth == 0 || Int.random(in: 0..<3, using: &rng) == 0 { return leaf() }
+        let n = [0, 1, 2, 3, 3, 5, 11, Int.random(in: 0..<14, using: &rng)].randomElement(using: &rng)!
+        return .array((0..<n).map { _ in tree(depth: depth - 1) })
+    }
+}
+
+@Suite("Redis reply decoding fuzz")
+struct RedisReplyFuzzTests {
+    static func request(_ i: Int, fenced: Bool) throws -> ClaimRequest {
+        ClaimRequest(key: try IdempotencyKey(parts: ["c", "\(i)"]), fingerprint: .of([UInt8(i)]), lease: .seconds(5),
+                     fence: fenced ? PartitionFence(scope: "g/t/0", epoch: 3) : nil)
+    }
+
+    /// Every decoder either returns a well-formed value or throws `ExactlyOnceError`; none traps.
+    @Test func randomReplyTreesNeverCrashTheDecoders() throws {
+        var gen = ReplyGenerator(rng: SplitMix64(seed: 0xE0_0001))
+        let key = try IdempotencyKey(parts: ["c", "m"])
+        let claim = Claim(key: key, token: FencingToken(7), attempt: 1, leaseExpiresAt: Timestamp(milliseconds: 10),
+                          fingerprint: .of([1]), fence: PartitionFence(scope: "s", epoch: 2))
+        var decoded = 0
+        var refused = 0
+        func check(_ body: () throws -> Void) {
+            do {
+                try body()
+                decoded += 1
+            } catch is ExactlyOnceError {
+                refused += 1
+            } catch {
+                Issue.record("a decoder threw a foreign error: \(error)")
+            }
+        }
+        for iteration in 0..<6000 {
+            let reply = gen.tree(depth: 4)
+            let count = iteration % 4
+            let requests = try (0..<count).map { try Self.request($0, fenced: iteration % 2 == 0) }
+            check {
+                let results = try RedisDedupeStore.decodeClaims(reply, requests: requests, now: Timestamp(milliseconds: 0))
+                #expect(results.count == requests.count)
+                for case .new(let c) in results { #expect(c.attempt >= 1) }
+            }
+            check { try RedisDedupeStore.decodeCompletion(reply, claim: claim, readKeys: ["a", "b"]) }
+            check { _ = try RedisDedupeStore.decodeState(reply) }
+            check {
+                if let r = try RedisDedupeStore.decodeRecord(reply, key: key) {
+                    #expect((1...64).contains(r.fingerprint.bytes.count))
+                    #expect(r.attempts >= 0)
+                }
+            }
+        }
+        // The generator must reach both outcomes, or the fuzz exercises nothing.
+        #expect(decoded > 100)
+        #expect(refused > 1000)
+    }
+
+    /// Replies shaped like the scripts' real answers decode to exactly the right values.
+    @Test func wellFormedRepliesDecode() throws {
+        let requests = try (0..<4).map { try Self.request($0, fenced: true) }
+        let s = { (t: String) in RedisReply.string(Array(t.utf8)) }
+        let reply = RedisReply.array([
+            .array([s("N"), .integer(42), .integer(2)]),
+            .array([s("D"), s("1"), s("sold out")]),
+            .array([s("P"), s("123456")]),
+            .array([s("C"), .string([9, 9]), s("1"), s("0"), s("serial-7")]),
+        ])
+        let results = try RedisDedupeStore.decodeClaims(reply, requests: requests, now: Timestamp(milliseconds: 1000))
+        #expect(results[0] == .new(Claim(key: requests[0].key, token: FencingToken(42), attempt: 2,
+                                         leaseExpiresAt: Timestamp(milliseconds: 6000), fingerprint: requests[0].fingerprint,
+                                         fence: requests[0].fence)))
+        #expect(results[1] == .completed(.rejected("sold out")))
+        #expect(results[2] == .inProgress(leaseExpiresAt: Timestamp(milliseconds: 123456)))
+        #expect(results[3] == .conflict(stored: try PayloadFingerprint(bytes: [9, 9]), outcome: .applied("serial-7")))
+
+        let fenced = RedisReply.array([s("FENCED"), .integer(2), s("9")])
+        let error = #expect(throws: ExactlyOnceError.self) {
+            try RedisDedupeStore.decodeClaims(fenced, requests: requests, now: Timestamp(milliseconds: 0))
+        }
+        #expect(error?.code == .fenced)
+
+        // A well-formed answer for the wrong number of requests is refused, not truncated.
+        #expect(throws: ExactlyOnceError.self) {
+            try RedisDedupeStore.decodeClaims(.array([.array([s("P"), s("1")])]), requests: requests, now: Timestamp(milliseconds: 0))
+        }
+        // An error reply (for example OOM) is storeUnavailable: retriable, outcome unknown.
+        let oom = #expect(throws: ExactlyOnceError.self) {
+            try RedisDedupeStore.decodeClaims(.error("OOM command not allowed"), requests: requests, now: Timestamp(milliseconds: 0))
+        }
+        #expect(oom?.code == .storeUnavailable)
+    }
+}

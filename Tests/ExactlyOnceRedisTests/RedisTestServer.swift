@@ -1,0 +1,148 @@
+import ExactlyOnce
+import Foundation
+import Testing
+@testable import ExactlyOnceRedis
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A throwaway `redis-server` in a temporary directory, listening on a unix socket (and on a
+/// free TCP port when asked). Tests fail, not skip, when `redis-server` is missing: `make test`
+/// installs it.
+final class RedisTestServer: @unchecked Sendable {
+    // @unchecked: `process` is only replaced by start()/stop(), which tests call sequentially.
+    let directory: URL
+    let socketPath: String
+    let tcpPort: Int?
+    private let extraArguments: [String]
+    private let username: String?
+    private let password: String?
+    private var process: Process?
+
+    struct Missing: Error, CustomStringConvertible {
+        var description: String {
+            "redis-server is not installed (looked in PATH, /usr/bin, /usr/local/bin, /opt/homebrew/bin). "
+                + "Install it: apt-get install -y redis-server libhiredis-dev (or brew install redis hiredis)."
+        }
+    }
+
+    struct NotReady: Error, CustomStringConvertible {
+        var log: String
+        var description: String { "redis-server did not answer PING within 10 s. Log:\n\(log)" }
+    }
+
+    private init(tcp: Bool, extraArguments: [String], username: String?, password: String?) throws {
+        self.username = username
+        self.password = password
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("eo-redis-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        socketPath = directory.appendingPathComponent("redis.sock").path
+        tcpPort = tcp ? try Self.freePort() : nil
+        self.extraArguments = extraArguments
+    }
+
+    /// Runs `body` against a fresh server and always stops it afterwards.
+    /// `username`/`password` are the credentials ``unixConfiguration`` carries (for servers
+    /// started with `--requirepass` or `--user` in `arguments`).
+    static func with<R>(tcp: Bool = false, arguments: [String] = [], username: String? = nil, password: String? = nil,
+                        _ body: (RedisTestServer) async throws -> R) async throws -> R {
+        let server = try RedisTestServer(tcp: tcp, extraArguments: arguments, username: username, password: password)
+        defer { server.stop(); try? FileManager.default.removeItem(at: server.directory) }
+        try await server.start()
+        return try await body(server)
+    }
+
+    static func executable() throws -> URL {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
+        let dirs = path.split(separator: ":").map(String.init) + ["/usr/bin", "/usr/local/bin", "/opt/homebrew/bin"]
+        for dir in dirs {
+            let candidate = URL(fileURLWithPath: dir).appendingPathComponent("redis-server")
+            if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
+        }
+        throw Missing()
+    }
+
+    /// Starts (or restarts) the server on the same socket, port and directory.
+    func start() async throws {
+        let p = Process()
+        p.executableURL = try Self.executable()
+        p.arguments = [
+            "--port", "\(tcpPort ?? 0)", "--bind", "127.0.0.1",
+            "--unixsocket", socketPath, "--unixsocketperm", "700",
+            "--save", "", "--appendonly", "no", "--dir", directory.path,
+            "--logfile", directory.appendingPathComponent("redis.log").path,
+        ] + extraArguments
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        process = p
+        let probe = unixConfiguration
+        for _ in 0..<200 {
+            if let c = try? RedisConnection.connect(probe), (try? c.command([Array("PING".utf8)])) == .status("PONG") { return }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        let log = (try? String(contentsOf: directory.appendingPathComponent("redis.log"), encoding: .utf8)) ?? ""
+        stop()
+        throw NotReady(log: log)
+    }
+
+    /// Stops the server (SIGKILL: nothing is saved, like a crash) and waits for it to exit.
+    func stop() {
+        guard let p = process else { return }
+        process = nil
+        if p.isRunning {
+            kill(p.processIdentifier, SIGKILL)
+        }
+        p.waitUntilExit()
+        unlink(socketPath)
+    }
+
+    /// The server's unix socket, with the server's credentials.
+    var unixConfiguration: RedisConfiguration {
+        var c = RedisConfiguration.testing(socketPath)
+        c.username = username
+        c.password = password
+        return c
+    }
+
+    private static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = 0
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        guard bound else { throw ExactlyOnceError(.ioFailure, "cannot find a free TCP port") }
+        return Int(UInt16(bigEndian: addr.sin_port))
+    }
+}
+
+extension RedisConfiguration {
+    /// A unix-socket configuration with short timeouts and backoffs for tests.
+    static func testing(_ socketPath: String) -> RedisConfiguration {
+        var c = RedisConfiguration()
+        c.endpoint = .unix(path: socketPath)
+        c.connectTimeout = .seconds(1)
+        c.commandTimeout = .seconds(5)
+        c.connectAttempts = 2
+        c.reconnectBackoff = .milliseconds(20)
+        return c
+    }
+}
+
+extension RedisDedupeStore {
+    /// A store on `server` with a unique prefix.
+    static func testing(_ server: RedisTestServer, clock: any WallClock, retention: Duration? = nil,
+                        maximumClaimsPerScript: Int = 512) throws -> RedisDedupeStore {
+        var c = RedisDedupeStore.Configuration(redis: server.unixConfiguration)
+        c.keyPrefix = "test-\(UInt32.random(in: 0...UInt32.max)):"
+        c.retention = retention
+        c.maximumClaimsPerScript = maximumClaimsPerScript
+        return try RedisDedupeStore(configuration: c, clock: clock)
+    }
+}

@@ -240,7 +240,9 @@ public struct DedupeRecord: Sendable, Hashable {
 ///   ``ClaimResult/completed(_:)`` with the stored outcome when the key completed with the same
 ///   fingerprint; ``ClaimResult/conflict(stored:outcome:)`` when the fingerprint differs;
 ///   ``ClaimResult/inProgress(leaseExpiresAt:)`` while another claim's lease runs, unless the
-///   request's fence has a higher epoch in the same scope (then it takes over).
+///   request's fence has the same or a higher epoch in the same scope: then it takes over at
+///   once with a new token (a same-epoch re-claim is the owner itself after an unknown outcome
+///   and keeps the attempt count; a higher epoch counts a new attempt).
 /// - A request whose fence epoch is lower than the highest seen in its scope throws
 ///   ``ExactlyOnceError/Code/fenced`` for the whole batch; a higher epoch raises the scope's epoch.
 /// - ``complete(_:)`` succeeds only for the key's current token, while its lease runs and its

@@ -64,18 +64,23 @@ public struct DedupeStateMachine: Sendable {
                     results.append(.completed(existing.outcome ?? Outcome(status: .applied)))
                     continue
                 case .inProgress:
-                    let newerOwner: Bool = {
-                        guard let mine = request.fence, let theirs = existing.fence, mine.scope == theirs.scope else { return false }
-                        return mine.epoch > theirs.epoch
-                    }()
-                    if now < existing.leaseExpiresAt && !newerOwner {
+                    // The partition's owner of the same or a newer epoch may take over at once:
+                    // an older epoch is fenced anyway, and the same epoch is this owner itself
+                    // re-claiming after an unknown outcome. That re-claim is not a new attempt.
+                    var sameOwner = false
+                    var newerOrSameOwner = false
+                    if let mine = request.fence, let theirs = existing.fence, mine.scope == theirs.scope {
+                        newerOrSameOwner = mine.epoch >= theirs.epoch
+                        sameOwner = mine.epoch == theirs.epoch
+                    }
+                    if now < existing.leaseExpiresAt && !newerOrSameOwner {
                         results.append(.inProgress(leaseExpiresAt: existing.leaseExpiresAt))
                         continue
                     }
+                    attempts = sameOwner ? existing.attempts - 1 : existing.attempts
                 case .released:
-                    break
+                    attempts = existing.attempts
                 }
-                attempts = existing.attempts
             } else if let existing = records[request.key], !isLive(existing, now: now) {
                 records[request.key] = nil
                 changes.append(.removed(existing.key))

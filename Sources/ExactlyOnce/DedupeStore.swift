@@ -84,12 +84,18 @@ public struct ClaimRequest: Sendable, Hashable {
     public var lease: Duration
     /// The claimant's partition ownership, when it consumes from a partitioned transport.
     public var fence: PartitionFence?
+    /// A prefetch claim is charged as an attempt only if no earlier request of the same batch
+    /// was granted ``ClaimResult/new(_:)``. The consumer claims a whole batch ahead as prefetches,
+    /// so a crash is charged to the record at the head of the lane (the one being processed),
+    /// not to every record claimed behind it. Default: false (always charged).
+    public var prefetch: Bool
     /// Creates a request.
-    public init(key: IdempotencyKey, fingerprint: PayloadFingerprint, lease: Duration, fence: PartitionFence? = nil) {
+    public init(key: IdempotencyKey, fingerprint: PayloadFingerprint, lease: Duration, fence: PartitionFence? = nil, prefetch: Bool = false) {
         self.key = key
         self.fingerprint = fingerprint
         self.lease = lease
         self.fence = fence
+        self.prefetch = prefetch
     }
 }
 
@@ -99,7 +105,8 @@ public struct Claim: Sendable, Hashable {
     public let key: IdempotencyKey
     /// The claim's fencing token; hand it to effects that live outside the store.
     public let token: FencingToken
-    /// Which attempt this is (1 for the first). Kept with the record, so it survives restarts.
+    /// Which attempt this is (1 for the first): the record's charged attempts, plus one if this
+    /// claim was an uncharged prefetch. Kept with the record, so it survives restarts.
     public let attempt: Int
     /// When the lease ends.
     public let leaseExpiresAt: Timestamp
@@ -199,7 +206,7 @@ public struct DedupeRecord: Sendable, Hashable {
     public var fingerprint: PayloadFingerprint
     /// Lifecycle phase.
     public var phase: Phase
-    /// Attempts so far.
+    /// Charged attempts so far (see ``ClaimRequest/prefetch``).
     public var attempts: Int
     /// Token of the latest claim.
     public var token: FencingToken
@@ -236,7 +243,8 @@ public struct DedupeRecord: Sendable, Hashable {
 ///
 /// ## Contract (checked by `StoreConformance` in the test kit)
 /// - ``claim(_:)`` answers, per request and in order: ``ClaimResult/new(_:)`` with a fresh
-///   strictly-greater fencing token and `attempt` one more than the record's previous count;
+///   strictly-greater fencing token and `attempt` one more than the record's previous count
+///   (the count itself grows only for charged claims: see ``ClaimRequest/prefetch``);
 ///   ``ClaimResult/completed(_:)`` with the stored outcome when the key completed with the same
 ///   fingerprint; ``ClaimResult/conflict(stored:outcome:)`` when the fingerprint differs;
 ///   ``ClaimResult/inProgress(leaseExpiresAt:)`` while another claim's lease runs, unless the

@@ -288,7 +288,7 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
                 if firstIndexOfKey[key] == nil {
                     firstIndexOfKey[key] = i
                     requestIndex[i] = requests.count
-                    requests.append(ClaimRequest(key: key, fingerprint: fp, lease: c.configuration.lease, fence: fence))
+                    requests.append(ClaimRequest(key: key, fingerprint: fp, lease: c.configuration.lease, fence: fence, prefetch: true))
                 }
             } else {
                 identities.append(nil)

@@ -42,6 +42,7 @@ public final class InMemoryTransport: MessageTransport {
     struct State: Sendable {
         var topics: [String: [[StoredRecord]]] = [:]
         var groups: [String: Group] = [:]
+        var delivered = 0
     }
 
     private let state = Mutex(State())
@@ -126,6 +127,9 @@ public final class InMemoryTransport: MessageTransport {
         let committed = committedOffsets(group: group, topic: topic)
         return ends.allSatisfy { p, end in end.rawValue == 0 || (committed[p] ?? Offset(0)) >= end }
     }
+
+    /// Records handed out by polls so far, over all groups (redeliveries counted each time).
+    public var deliveredRecords: Int { state.withLock { $0.delivered } }
 
     /// Removes a member as if its session lapsed (a crash): no commit, partitions move at once.
     public func expel(memberID: String, group: String, topic: String) {
@@ -245,6 +249,7 @@ public final class InMemoryTransport: MessageTransport {
                         }
                         me.positions[p] = Int64(end)
                     }
+                    s.delivered += records.count
                 } else {
                     me.knownGeneration = g.generation
                 }

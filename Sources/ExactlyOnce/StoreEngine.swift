@@ -52,8 +52,10 @@ public struct DedupeStateMachine: Sendable {
         }
         var results: [ClaimResult] = []
         results.reserveCapacity(requests.count)
+        var granted = false
         for request in requests {
             var attempts = 0
+            var sameOwner = false
             if let existing = records[request.key], isLive(existing, now: now) {
                 if existing.fingerprint != request.fingerprint {
                     results.append(.conflict(stored: existing.fingerprint, outcome: existing.phase == .completed ? existing.outcome : nil))
@@ -67,7 +69,6 @@ public struct DedupeStateMachine: Sendable {
                     // The partition's owner of the same or a newer epoch may take over at once:
                     // an older epoch is fenced anyway, and the same epoch is this owner itself
                     // re-claiming after an unknown outcome. That re-claim is not a new attempt.
-                    var sameOwner = false
                     var newerOrSameOwner = false
                     if let mine = request.fence, let theirs = existing.fence, mine.scope == theirs.scope {
                         newerOrSameOwner = mine.epoch >= theirs.epoch
@@ -77,7 +78,7 @@ public struct DedupeStateMachine: Sendable {
                         results.append(.inProgress(leaseExpiresAt: existing.leaseExpiresAt))
                         continue
                     }
-                    attempts = sameOwner ? existing.attempts - 1 : existing.attempts
+                    attempts = existing.attempts
                 case .released:
                     attempts = existing.attempts
                 }
@@ -86,14 +87,16 @@ public struct DedupeStateMachine: Sendable {
                 changes.append(.removed(existing.key))
             }
             lastToken += 1
+            let charged = !(request.prefetch && granted) && !sameOwner
+            granted = true
             let expires = now.advanced(by: request.lease)
             let record = DedupeRecord(
-                key: request.key, fingerprint: request.fingerprint, phase: .inProgress, attempts: attempts + 1,
+                key: request.key, fingerprint: request.fingerprint, phase: .inProgress, attempts: charged ? attempts + 1 : attempts,
                 token: FencingToken(lastToken), leaseExpiresAt: expires, fence: request.fence
             )
             records[request.key] = record
             changes.append(.record(record))
-            results.append(.new(Claim(key: request.key, token: record.token, attempt: record.attempts,
+            results.append(.new(Claim(key: request.key, token: record.token, attempt: sameOwner ? max(1, attempts) : attempts + 1,
                                       leaseExpiresAt: expires, fingerprint: request.fingerprint, fence: request.fence)))
         }
         return results

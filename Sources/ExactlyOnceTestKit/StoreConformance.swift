@@ -16,7 +16,7 @@ public enum StoreConformance {
     public static let checks = [
         "new-then-in-progress", "complete-then-replay", "negative-outcome-replay", "conflict",
         "release-keeps-attempts", "lease-expiry-takeover", "zombie-refused", "idempotent-complete",
-        "effects-atomic", "transaction-conflict", "partition-fence", "batch-order", "records",
+        "effects-atomic", "transaction-conflict", "partition-fence", "batch-order", "records", "prefetch-charges-first-grant",
     ]
 
     /// Runs every check against fresh stores from `makeStore`.
@@ -166,6 +166,28 @@ public enum StoreConformance {
             try require(recs.count == 1, check, "absent keys are left out")
             try require(recs[key("a")]?.phase == .completed && recs[key("a")]?.outcome == .rejected("no") && recs[key("a")]?.fingerprint == fp1,
                         check, "record should be completed with its outcome and fingerprint")
+
+        case "prefetch-charges-first-grant":
+            // A batch claimed ahead: only the first record granted `.new` is charged an attempt.
+            let done = try await claimNew(store, key("done"), check: check)
+            try await store.complete(Completion(claim: done, outcome: .applied()))
+            let batch = ["done", "p1", "p2", "p3"].map { ClaimRequest(key: key($0), fingerprint: fp1, lease: lease, prefetch: true) }
+            let first = try await store.claim(batch)
+            guard case .completed = first[0], case .new(let c1) = first[1], case .new(let c2) = first[2] else {
+                throw ConformanceFailure(check: check, detail: "unexpected answers \(first)")
+            }
+            try require(c1.attempt == 1 && c2.attempt == 1, check, "both are first attempts from the caller's view")
+            // The holder crashes; its lease lapses; the batch is claimed again, twice.
+            for round in 2...3 {
+                clock.advance(by: .seconds(11))
+                let again = try await store.claim(batch)
+                guard case .new(let h) = again[1], case .new(let b) = again[2] else { throw ConformanceFailure(check: check, detail: "round \(round): \(again)") }
+                try require(h.attempt == round, check, "the head of the batch is charged each time (attempt \(h.attempt), expected \(round))")
+                try require(b.attempt == 1, check, "records behind the head are not charged for crashes they did not cause (attempt \(b.attempt))")
+            }
+            let recs = try await store.records(for: [key("p1"), key("p2"), key("p3")])
+            try require(recs[key("p1")]?.attempts == 3 && recs[key("p2")]?.attempts == 0 && recs[key("p3")]?.attempts == 0, check,
+                        "stored attempts: \(recs.mapValues(\.attempts))")
 
         default:
             throw ConformanceFailure(check: check, detail: "unknown check")

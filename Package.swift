@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .library(name: "ExactlyOnce", targets: ["ExactlyOnce"]),
         .library(name: "ExactlyOnceTestKit", targets: ["ExactlyOnceTestKit"]),
+        .library(name: "CouponKit", targets: ["CouponKit"]),
         .executable(name: "coupon-demo", targets: ["CouponDemo"]),
     ],
     dependencies: [

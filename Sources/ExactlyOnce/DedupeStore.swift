@@ -270,6 +270,8 @@ public protocol DedupeStore: Sendable {
     func release(_ claim: Claim, reason: String) async throws
     /// Reads transactional state with versions.
     func readState(_ keys: [String]) async throws -> [String: VersionedValue]
+    /// Reads one state value with its version (version 0 when absent). Has a default implementation.
+    func readState(_ key: String) async throws -> VersionedValue
     /// The records of keys, for audits and operations (absent keys are left out).
     func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord]
 }

@@ -48,7 +48,9 @@ public final class InMemoryDedupeStore: DedupeStore {
         }
         self.configuration = configuration
         self.clock = clock
-        self.state = Mutex(State(machine: DedupeStateMachine(retention: configuration.retention)))
+        var machine = DedupeStateMachine(retention: configuration.retention, recordsChanges: false)
+        machine.reserveCapacity(min(configuration.capacity, 1 << 16))
+        self.state = Mutex(State(machine: machine))
     }
 
     public func claim(_ requests: [ClaimRequest]) async throws -> [ClaimResult] {
@@ -90,6 +92,10 @@ public final class InMemoryDedupeStore: DedupeStore {
 
     public func readState(_ keys: [String]) async throws -> [String: VersionedValue] {
         state.withLock { $0.machine.readState(keys) }
+    }
+
+    public func readState(_ key: String) async throws -> VersionedValue {
+        state.withLock { $0.machine.readState(key) }
     }
 
     public func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord] {

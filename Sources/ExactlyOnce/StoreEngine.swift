@@ -13,9 +13,21 @@ public struct DedupeStateMachine: Sendable {
     public private(set) var lastToken: UInt64 = 0
     /// How long completed records are kept (nil: forever).
     public var retention: Duration?
+    /// Whether operations report their ``Change``s (journaling stores need them; the in-memory
+    /// store does not, and skipping them keeps its hot path free of copies).
+    public var recordsChanges: Bool
 
     /// Creates an empty state machine.
-    public init(retention: Duration?) { self.retention = retention }
+    public init(retention: Duration?, recordsChanges: Bool = true) {
+        self.retention = retention
+        self.recordsChanges = recordsChanges
+    }
+
+    /// Reserves room for `records` dedupe records and as many state keys.
+    public mutating func reserveCapacity(_ records: Int) {
+        self.records.reserveCapacity(records)
+        self.state.reserveCapacity(records)
+    }
 
     /// A change the machine made, for journaling stores.
     public enum Change: Sendable, Hashable {
@@ -47,7 +59,7 @@ public struct DedupeStateMachine: Sendable {
         for r in requests {
             if let f = r.fence, (fences[f.scope] ?? 0) < f.epoch {
                 fences[f.scope] = f.epoch
-                changes.append(.fence(scope: f.scope, epoch: f.epoch))
+                if recordsChanges { changes.append(.fence(scope: f.scope, epoch: f.epoch)) }
             }
         }
         var results: [ClaimResult] = []
@@ -84,7 +96,7 @@ public struct DedupeStateMachine: Sendable {
                 }
             } else if let existing = records[request.key], !isLive(existing, now: now) {
                 records[request.key] = nil
-                changes.append(.removed(existing.key))
+                if recordsChanges { changes.append(.removed(existing.key)) }
             }
             lastToken += 1
             let charged = !(request.prefetch && granted) && !sameOwner
@@ -95,7 +107,7 @@ public struct DedupeStateMachine: Sendable {
                 token: FencingToken(lastToken), leaseExpiresAt: expires, fence: request.fence
             )
             records[request.key] = record
-            changes.append(.record(record))
+            if recordsChanges { changes.append(.record(record)) }
             results.append(.new(Claim(key: request.key, token: record.token, attempt: sameOwner ? max(1, attempts) : attempts + 1,
                                       leaseExpiresAt: expires, fingerprint: request.fingerprint, fence: request.fence)))
         }
@@ -130,13 +142,13 @@ public struct DedupeStateMachine: Sendable {
         for (key, value) in completion.effects.writes {
             let v = VersionedValue(value: value, version: (state[key]?.version ?? 0) + 1)
             state[key] = v
-            changes.append(.state(key: key, value: v))
+            if recordsChanges { changes.append(.state(key: key, value: v)) }
         }
         record.phase = .completed
         record.outcome = completion.outcome
         record.expiresAt = retention.map { now.advanced(by: $0) }
         records[record.key] = record
-        changes.append(.record(record))
+        if recordsChanges { changes.append(.record(record)) }
         return true
     }
 
@@ -150,7 +162,7 @@ public struct DedupeStateMachine: Sendable {
         record.phase = .released
         record.lastFailure = String(reason.prefix(512))
         records[record.key] = record
-        changes.append(.record(record))
+        if recordsChanges { changes.append(.record(record)) }
     }
 
     /// Removes completed records whose retention ended; returns how many.
@@ -158,7 +170,7 @@ public struct DedupeStateMachine: Sendable {
         let expired = records.values.filter { !isLive($0, now: now) }.map(\.key)
         for key in expired {
             records[key] = nil
-            changes.append(.removed(key))
+            if recordsChanges { changes.append(.removed(key)) }
         }
         return expired.count
     }
@@ -168,7 +180,7 @@ public struct DedupeStateMachine: Sendable {
         let victims = records.values.filter { $0.phase == .completed }.sorted { $0.token < $1.token }.prefix(count).map(\.key)
         for key in victims {
             records[key] = nil
-            changes.append(.removed(key))
+            if recordsChanges { changes.append(.removed(key)) }
         }
         return victims.count
     }
@@ -185,6 +197,9 @@ public struct DedupeStateMachine: Sendable {
         case .fence(let scope, let epoch): fences[scope] = max(fences[scope] ?? 0, epoch)
         }
     }
+
+    /// Reads one state value.
+    public func readState(_ key: String) -> VersionedValue { state[key] ?? VersionedValue(value: nil, version: 0) }
 
     /// Reads state.
     public func readState(_ keys: [String]) -> [String: VersionedValue] {

@@ -82,6 +82,26 @@ public final class InMemoryDedupeStore: DedupeStore {
         }
     }
 
+    /// 1: a lock round trip is cheaper than buffering, so completions are not batched.
+    public var completionBatchLimit: Int { 1 }
+
+    public func complete(_ completions: [Completion]) async throws -> BatchCompletion {
+        let now = clock.now()
+        return state.withLock { s in
+            s.changes.removeAll(keepingCapacity: true)
+            for (i, c) in completions.enumerated() {
+                do {
+                    try s.machine.complete(c, now: now, changes: &s.changes)
+                } catch let e as ExactlyOnceError {
+                    return BatchCompletion(applied: i, failure: e)
+                } catch {
+                    return BatchCompletion(applied: i, failure: ExactlyOnceError(.storeUnavailable, "\(error)"))
+                }
+            }
+            return BatchCompletion(applied: completions.count, failure: nil)
+        }
+    }
+
     public func release(_ claim: Claim, reason: String) async throws {
         let now = clock.now()
         try state.withLock { s in

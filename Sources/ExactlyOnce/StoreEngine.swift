@@ -68,7 +68,9 @@ public struct DedupeStateMachine: Sendable {
         for request in requests {
             var attempts = 0
             var sameOwner = false
-            if let existing = records[request.key], isLive(existing, now: now) {
+            let found = records.index(forKey: request.key)
+            if let found, isLive(records.values[found], now: now) {
+                let existing = records.values[found]
                 if existing.fingerprint != request.fingerprint {
                     results.append(.conflict(stored: existing.fingerprint, outcome: existing.phase == .completed ? existing.outcome : nil))
                     continue
@@ -94,9 +96,10 @@ public struct DedupeStateMachine: Sendable {
                 case .released:
                     attempts = existing.attempts
                 }
-            } else if let existing = records[request.key], !isLive(existing, now: now) {
-                records[request.key] = nil
-                if recordsChanges { changes.append(.removed(existing.key)) }
+            } else if let found {
+                // Expired: forget it and start afresh.
+                records.remove(at: found)
+                if recordsChanges { changes.append(.removed(request.key)) }
             }
             lastToken += 1
             let charged = !(request.prefetch && granted) && !sameOwner
@@ -128,13 +131,21 @@ public struct DedupeStateMachine: Sendable {
     /// Applies a completion. Returns false when it was an idempotent repeat.
     @discardableResult
     public mutating func complete(_ completion: Completion, now: Timestamp, changes: inout [Change]) throws -> Bool {
-        var record = try checkOwner(completion.claim, now: now)
-        if record.phase == .completed { return false }
-        guard record.phase == .inProgress else {
-            throw ExactlyOnceError(.fenced, "claim token \(record.token) on \(record.key) was released")
+        try checkFence(completion.claim.fence)
+        let claim = completion.claim
+        guard let index = records.index(forKey: claim.key) else {
+            throw ExactlyOnceError(.fenced, "key \(claim.key) is no longer held (expired or evicted)")
         }
-        guard now < record.leaseExpiresAt else {
-            throw ExactlyOnceError(.fenced, "lease of token \(record.token) on \(record.key) expired before completion")
+        let (phase, token, leaseEnd) = (records.values[index].phase, records.values[index].token, records.values[index].leaseExpiresAt)
+        guard token == claim.token else {
+            throw ExactlyOnceError(.fenced, "claim token \(claim.token) on \(claim.key) was superseded by token \(token)")
+        }
+        if phase == .completed { return false }
+        guard phase == .inProgress else {
+            throw ExactlyOnceError(.fenced, "claim token \(token) on \(claim.key) was released")
+        }
+        guard now < leaseEnd else {
+            throw ExactlyOnceError(.fenced, "lease of token \(token) on \(claim.key) expired before completion")
         }
         for (key, version) in completion.effects.reads where (state[key]?.version ?? 0) != version {
             throw ExactlyOnceError(.transactionConflict, "state key \(IdempotencyKey.abbreviate(key)) changed during the effect")
@@ -144,11 +155,11 @@ public struct DedupeStateMachine: Sendable {
             state[key] = v
             if recordsChanges { changes.append(.state(key: key, value: v)) }
         }
-        record.phase = .completed
-        record.outcome = completion.outcome
-        record.expiresAt = retention.map { now.advanced(by: $0) }
-        records[record.key] = record
-        if recordsChanges { changes.append(.record(record)) }
+        // Mutate in place: no second lookup, no copy of the record.
+        records.values[index].phase = .completed
+        records.values[index].outcome = completion.outcome
+        records.values[index].expiresAt = retention.map { now.advanced(by: $0) }
+        if recordsChanges { changes.append(.record(records.values[index])) }
         return true
     }
 

@@ -47,6 +47,10 @@ public final class FaultyStore<Base: DedupeStore>: DedupeStore {
 
     public func claim(_ requests: [ClaimRequest]) async throws -> [ClaimResult] { try await run(.claim) { try await base.claim(requests) } }
     public func complete(_ completion: Completion) async throws { try await run(.complete) { try await base.complete(completion) } }
+    public var completionBatchLimit: Int { base.completionBatchLimit }
+    public func complete(_ completions: [Completion]) async throws -> BatchCompletion {
+        try await run(.complete) { try await base.complete(completions) }
+    }
     public func release(_ claim: Claim, reason: String) async throws { try await run(.release) { try await base.release(claim, reason: reason) } }
     public func readState(_ keys: [String]) async throws -> [String: VersionedValue] { try await run(.readState) { try await base.readState(keys) } }
     public func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord] { try await base.records(for: keys) }

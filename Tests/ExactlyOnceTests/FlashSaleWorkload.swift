@@ -88,3 +88,21 @@ func checkSale(_ workload: FlashSaleWorkload, report: SimulationReport, store: s
     }
     return problems
 }
+
+/// The in-memory store advertising batched completions, so the consumer's buffered path (lane
+/// overlay, one `complete` call per batch, failures in the middle of a batch) is exercised.
+final class BatchingStore: DedupeStore {
+    let base: InMemoryDedupeStore
+    let limit: Int
+    init(base: InMemoryDedupeStore, limit: Int) {
+        self.base = base
+        self.limit = limit
+    }
+    var completionBatchLimit: Int { limit }
+    func claim(_ requests: [ClaimRequest]) async throws -> [ClaimResult] { try await base.claim(requests) }
+    func complete(_ completion: Completion) async throws { try await base.complete(completion) }
+    func complete(_ completions: [Completion]) async throws -> BatchCompletion { try await base.complete(completions) }
+    func release(_ claim: Claim, reason: String) async throws { try await base.release(claim, reason: reason) }
+    func readState(_ keys: [String]) async throws -> [String: VersionedValue] { try await base.readState(keys) }
+    func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord] { try await base.records(for: keys) }
+}

@@ -26,6 +26,20 @@ import Testing
         return (report, try await checkSale(workload, report: report, store: store, maxAttempts: config.maxAttempts))
     }
 
+    static func simulateBatched(seed: UInt64) async throws -> (SimulationReport, [String]) {
+        let workload = FlashSaleWorkload(seed: seed)
+        var config = SimulationConfiguration(seed: seed)
+        config.crashRate = 0.03
+        config.zombieRate = 0.02
+        config.storeFaultRate = 0.05
+        let sim = try Simulator<BatchingStore>(configuration: config)
+        let (report, store) = try await sim.run(
+            records: workload.requests.map(\.outgoing), partitioning: .modulo,
+            makeStore: { clock in BatchingStore(base: try InMemoryDedupeStore(clock: clock), limit: Int(seed % 7) + 2) },
+            key: CouponRequest.keyExtractor, handler: workload.handler())
+        return (report, try await checkSale(workload, report: report, store: store, maxAttempts: config.maxAttempts))
+    }
+
     static var seedCount: Int { Int(ProcessInfo.processInfo.environment["SIMULATION_SEEDS"] ?? "") ?? 2000 }
 
     @Test func noCouponIsEverIssuedTwiceOverSeededSchedules() async throws {
@@ -46,6 +60,18 @@ import Testing
                 #expect(problems.isEmpty, "\(problems) — \(report.summary); replay with SIMULATION_SEED=\(seed) SIMULATION_HEAVY=1")
             } catch {
                 Issue.record("seed \(seed) threw \(error); replay with SIMULATION_SEED=\(seed) SIMULATION_HEAVY=1")
+            }
+        }
+    }
+
+    /// The same properties when completions are buffered and sent in batches (file and Redis stores).
+    @Test func batchedCompletionsKeepTheInvariants() async throws {
+        await propertyCheck(count: Self.seedCount / 2, input: Gen.uint64(in: 0 ... .max)) { seed in
+            do {
+                let (report, problems) = try await Self.simulateBatched(seed: seed)
+                #expect(problems.isEmpty, "\(problems) — \(report.summary); replay with SIMULATION_SEED=\(seed) SIMULATION_BATCHED=1")
+            } catch {
+                Issue.record("seed \(seed) threw \(error); replay with SIMULATION_SEED=\(seed) SIMULATION_BATCHED=1")
             }
         }
     }
@@ -78,7 +104,9 @@ import Testing
     @Test func replaysOneSeed() async throws {
         let env = ProcessInfo.processInfo.environment
         let seed = UInt64(env["SIMULATION_SEED"] ?? "") ?? 1
-        let (report, problems) = try await Self.simulate(seed: seed, heavy: env["SIMULATION_HEAVY"] == "1")
+        let (report, problems) = env["SIMULATION_BATCHED"] == "1"
+            ? try await Self.simulateBatched(seed: seed)
+            : try await Self.simulate(seed: seed, heavy: env["SIMULATION_HEAVY"] == "1")
         print("simulation \(report.summary) faults=\(report.faultsByPoint.sorted { $0.key < $1.key })")
         #expect(problems.isEmpty, "\(problems)")
     }

@@ -413,18 +413,8 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
         guard !progress.buffered.isEmpty else { return }
         let c = consumer
         let batch = progress.buffered
-        var attempt = 0
-        var outcome: BatchCompletion
-        while true {
-            do {
-                outcome = try await c.store.complete(batch.map(\.completion))
-                break
-            } catch let e as ExactlyOnceError where e.code == .storeUnavailable && attempt < c.configuration.completionRetries {
-                attempt += 1
-                let d = c.configuration.unavailableBackoff.delay(forRetry: attempt)
-                if d > .zero { try await Task.sleep(for: d) }
-            }
-        }
+        let completions = batch.map(\.completion)
+        let outcome = try await retryingUnknownOutcome { try await c.store.complete(completions) }
         let applied = min(max(outcome.applied, 0), batch.count)
         for b in batch[..<applied] { await confirmed(b.record, b.completion.outcome, deadLettered: b.deadLettered, progress: progress) }
         progress.buffered.removeFirst(applied)
@@ -445,6 +435,21 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
         progress.pending.clear()
     }
 
+    /// Runs a completion, retrying it with the same claims while the store is unreachable
+    /// (completions are idempotent per token, so a repeat after an unknown outcome is safe).
+    private func retryingUnknownOutcome<T>(_ body: () async throws -> T) async throws -> T {
+        var attempt = 0
+        while true {
+            do {
+                return try await body()
+            } catch let e as ExactlyOnceError where e.code == .storeUnavailable && attempt < consumer.configuration.completionRetries {
+                attempt += 1
+                let d = consumer.configuration.unavailableBackoff.delay(forRetry: attempt)
+                if d > .zero { try await Task.sleep(for: d) }
+            }
+        }
+    }
+
     /// Accounts for a completion the store accepted.
     private func confirmed(_ record: ConsumedRecord, _ outcome: Outcome, deadLettered: Bool, progress: Progress) async {
         if !deadLettered {
@@ -459,18 +464,10 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
     /// caller to retry the record.
     private func completeNow(_ record: ConsumedRecord, _ completion: Completion, deadLettered: Bool, progress: Progress) async throws {
         let c = consumer
-        var attempt = 0
-        while true {
-            do {
-                try await c.store.complete(completion)
-                break
-            } catch let e as ExactlyOnceError where e.code == .storeUnavailable && attempt < c.configuration.completionRetries {
-                attempt += 1
-                let d = c.configuration.unavailableBackoff.delay(forRetry: attempt)
-                if d > .zero { try await Task.sleep(for: d) }
-            } catch let e as ExactlyOnceError where e.code == .fenced {
-                throw Stop.fenced
-            }
+        do {
+            try await retryingUnknownOutcome { try await c.store.complete(completion) }
+        } catch let e as ExactlyOnceError where e.code == .fenced {
+            throw Stop.fenced
         }
         if c.faultsEnabled { try await c.faults.reach(.afterComplete, FaultContext(memberID: memberID, partition: partition, offset: record.offset, key: completion.claim.key)) }
         await confirmed(record, completion.outcome, deadLettered: deadLettered, progress: progress)

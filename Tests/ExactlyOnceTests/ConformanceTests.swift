@@ -62,6 +62,29 @@ import Testing
         #expect(again.attempt == 1)
     }
 
+    /// A durable store outlives the in-memory transport: after a restart, the new transport's
+    /// epochs must be above the old ones or the store would fence the new process forever.
+    @Test func epochsKeepRisingAcrossTransportRestarts() async throws {
+        let clock = ManualClock()
+        let store = try InMemoryDedupeStore(clock: clock)
+        let first = try InMemoryTransport(topics: ["t": 1], clock: clock)
+        let a = try await first.subscribe(topic: "t", group: "g", memberID: "a")
+        for i in 0..<50 { _ = try await first.subscribe(topic: "t", group: "g", memberID: "x\(i)") }
+        let oldEpoch = try await a.poll(maxRecords: 1).assignment.values.max() ?? 0
+        let fp = PayloadFingerprint.of([1])
+        _ = try await store.claim([ClaimRequest(key: .coupon(couponId: 1, memberId: 1), fingerprint: fp, lease: .seconds(30),
+                                                fence: PartitionFence(scope: "g/t/0", epoch: first.assignment(group: "g", topic: "t")[0]!.epoch))])
+        clock.advance(by: .milliseconds(1))  // the process restarts a moment later
+        let second = try InMemoryTransport(topics: ["t": 1], clock: clock)
+        let b = try await second.subscribe(topic: "t", group: "g", memberID: "b")
+        let newEpoch = try await b.poll(maxRecords: 1).assignment[0]!
+        #expect(newEpoch > oldEpoch)
+        // The restarted owner takes over the dead process's claim at once instead of being fenced.
+        let r = try await store.claim([ClaimRequest(key: .coupon(couponId: 1, memberId: 1), fingerprint: fp, lease: .seconds(30),
+                                                    fence: PartitionFence(scope: "g/t/0", epoch: newEpoch))])
+        guard case .new = r[0] else { Issue.record("expected a takeover, got \(r)"); return }
+    }
+
     @Test func transportExpelsMembersWhoseSessionLapsed() async throws {
         let clock = ManualClock()
         var config = InMemoryTransport.Configuration()

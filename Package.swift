@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "ExactlyOnce", targets: ["ExactlyOnce"]),
         .library(name: "ExactlyOnceTestKit", targets: ["ExactlyOnceTestKit"]),
         .library(name: "ExactlyOnceRedis", targets: ["ExactlyOnceRedis"]),
+        .library(name: "CouponKit", targets: ["CouponKit"]),
         .executable(name: "coupon-demo", targets: ["CouponDemo"]),
     ],
     dependencies: [

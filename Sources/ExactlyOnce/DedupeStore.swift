@@ -84,12 +84,18 @@ public struct ClaimRequest: Sendable, Hashable {
     public var lease: Duration
     /// The claimant's partition ownership, when it consumes from a partitioned transport.
     public var fence: PartitionFence?
+    /// A prefetch claim is charged as an attempt only if no earlier request of the same batch
+    /// was granted ``ClaimResult/new(_:)``. The consumer claims a whole batch ahead as prefetches,
+    /// so a crash is charged to the record at the head of the lane (the one being processed),
+    /// not to every record claimed behind it. Default: false (always charged).
+    public var prefetch: Bool
     /// Creates a request.
-    public init(key: IdempotencyKey, fingerprint: PayloadFingerprint, lease: Duration, fence: PartitionFence? = nil) {
+    public init(key: IdempotencyKey, fingerprint: PayloadFingerprint, lease: Duration, fence: PartitionFence? = nil, prefetch: Bool = false) {
         self.key = key
         self.fingerprint = fingerprint
         self.lease = lease
         self.fence = fence
+        self.prefetch = prefetch
     }
 }
 
@@ -99,7 +105,8 @@ public struct Claim: Sendable, Hashable {
     public let key: IdempotencyKey
     /// The claim's fencing token; hand it to effects that live outside the store.
     public let token: FencingToken
-    /// Which attempt this is (1 for the first). Kept with the record, so it survives restarts.
+    /// Which attempt this is (1 for the first): the record's charged attempts, plus one if this
+    /// claim was an uncharged prefetch. Kept with the record, so it survives restarts.
     public let attempt: Int
     /// When the lease ends.
     public let leaseExpiresAt: Timestamp
@@ -199,7 +206,7 @@ public struct DedupeRecord: Sendable, Hashable {
     public var fingerprint: PayloadFingerprint
     /// Lifecycle phase.
     public var phase: Phase
-    /// Attempts so far.
+    /// Charged attempts so far (see ``ClaimRequest/prefetch``).
     public var attempts: Int
     /// Token of the latest claim.
     public var token: FencingToken
@@ -236,11 +243,14 @@ public struct DedupeRecord: Sendable, Hashable {
 ///
 /// ## Contract (checked by `StoreConformance` in the test kit)
 /// - ``claim(_:)`` answers, per request and in order: ``ClaimResult/new(_:)`` with a fresh
-///   strictly-greater fencing token and `attempt` one more than the record's previous count;
+///   strictly-greater fencing token and `attempt` one more than the record's previous count
+///   (the count itself grows only for charged claims: see ``ClaimRequest/prefetch``);
 ///   ``ClaimResult/completed(_:)`` with the stored outcome when the key completed with the same
 ///   fingerprint; ``ClaimResult/conflict(stored:outcome:)`` when the fingerprint differs;
 ///   ``ClaimResult/inProgress(leaseExpiresAt:)`` while another claim's lease runs, unless the
-///   request's fence has a higher epoch in the same scope (then it takes over).
+///   request's fence has the same or a higher epoch in the same scope: then it takes over at
+///   once with a new token (a same-epoch re-claim is the owner itself after an unknown outcome
+///   and keeps the attempt count; a higher epoch counts a new attempt).
 /// - A request whose fence epoch is lower than the highest seen in its scope throws
 ///   ``ExactlyOnceError/Code/fenced`` for the whole batch; a higher epoch raises the scope's epoch.
 /// - ``complete(_:)`` succeeds only for the key's current token, while its lease runs and its
@@ -256,15 +266,55 @@ public protocol DedupeStore: Sendable {
     func claim(_ requests: [ClaimRequest]) async throws -> [ClaimResult]
     /// Completes a claim, applying its effect atomically with the completion record.
     func complete(_ completion: Completion) async throws
+    /// Completes claims in order, each atomically with its effect, stopping at the first that
+    /// fails. Stores that can do better than one at a time (one lock, one fsync, one round trip)
+    /// implement it; the default completes one at a time. Throws only when the outcome is unknown
+    /// (``ExactlyOnceError/Code/storeUnavailable``): completions are idempotent per token, so the
+    /// caller retries the whole batch.
+    func complete(_ completions: [Completion]) async throws -> BatchCompletion
     /// Gives up a claim after a failed attempt; the attempt count is kept.
     func release(_ claim: Claim, reason: String) async throws
+    /// How many completions are worth sending in one ``complete(_:)-([Completion])`` call: 1 for
+    /// stores where a call is as cheap as buffering (in memory); more where a call costs a round
+    /// trip or an fsync. The consumer buffers up to `min(this, completionBatchSize)`. Default: 64.
+    var completionBatchLimit: Int { get }
     /// Reads transactional state with versions.
     func readState(_ keys: [String]) async throws -> [String: VersionedValue]
+    /// Reads one state value with its version (version 0 when absent). Has a default implementation.
+    func readState(_ key: String) async throws -> VersionedValue
     /// The records of keys, for audits and operations (absent keys are left out).
     func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord]
 }
 
+/// The result of ``DedupeStore/complete(_:)-([Completion])``.
+public struct BatchCompletion: Sendable {
+    /// How many completions, from the first, were applied.
+    public var applied: Int
+    /// Why completion number `applied` failed, when not all were applied.
+    public var failure: ExactlyOnceError?
+    /// Creates a result.
+    public init(applied: Int, failure: ExactlyOnceError?) {
+        self.applied = applied
+        self.failure = failure
+    }
+}
+
 extension DedupeStore {
+    /// 64: worth batching unless the store says otherwise.
+    public var completionBatchLimit: Int { 64 }
+
+    /// Completes one at a time, stopping at the first failure.
+    public func complete(_ completions: [Completion]) async throws -> BatchCompletion {
+        for (i, c) in completions.enumerated() {
+            do {
+                try await complete(c)
+            } catch let e as ExactlyOnceError where e.code != .storeUnavailable {
+                return BatchCompletion(applied: i, failure: e)
+            }
+        }
+        return BatchCompletion(applied: completions.count, failure: nil)
+    }
+
     /// Claims one key.
     public func claim(_ request: ClaimRequest) async throws -> ClaimResult {
         let results = try await claim([request])
@@ -285,20 +335,33 @@ extension DedupeStore {
 /// record's completion, or dropped if the handler throws.
 public struct EffectTransaction: Sendable {
     private let store: any DedupeStore
-    private var reads: [String: UInt64] = [:]
+    private let pending: PendingEffects?
+    private var reads: [String: (version: UInt64, value: [UInt8]?)] = [:]
     private var writes: [String: [UInt8]?] = [:]
-    private var cache: [String: [UInt8]?] = [:]
 
     /// Starts a transaction on `store`.
-    public init(store: any DedupeStore) { self.store = store }
+    public init(store: any DedupeStore) {
+        self.store = store
+        self.pending = nil
+    }
 
-    /// The value of `key`, seeing this transaction's own writes.
+    /// Starts a transaction that also sees the writes of completions not yet sent to the store.
+    init(store: any DedupeStore, pending: PendingEffects) {
+        self.store = store
+        self.pending = pending
+    }
+
+    /// The value of `key`, seeing this transaction's own writes (and the lane's pending ones).
     public mutating func get(_ key: String) async throws -> [UInt8]? {
         if let written = writes[key] { return written }
-        if let cached = cache[key] { return cached }
+        if let read = reads[key] { return read.value }
         let v = try await store.readState(key)
-        reads[key] = v.version
-        cache[key] = v.value
+        if let p = pending?.writes[key] {
+            // Not applied yet: by the time this completes, the pending writes will have been.
+            reads[key] = (v.version + UInt64(p.count), p.value)
+            return p.value
+        }
+        reads[key] = (v.version, v.value)
         return v.value
     }
 
@@ -322,5 +385,18 @@ public struct EffectTransaction: Sendable {
     public mutating func setInt(_ key: String, _ value: Int64) { set(key, Array(String(value).utf8)) }
 
     /// What the transaction read and wrote.
-    public var effects: EffectWrites { EffectWrites(reads: reads, writes: writes) }
+    public var effects: EffectWrites { EffectWrites(reads: reads.mapValues(\.version), writes: writes) }
+}
+
+/// The writes of a lane's completions that are buffered for one batched store call. Handlers of
+/// later records read through it, so a lane sees its own effects in order.
+///
+/// `@unchecked Sendable`: a lane is one sequential task, and only that task creates, reads and
+/// mutates its `PendingEffects` (handlers run inline in it), so there is no concurrent access.
+final class PendingEffects: @unchecked Sendable {
+    var writes: [String: (value: [UInt8]?, count: Int)] = [:]
+    func add(_ effects: EffectWrites) {
+        for (k, v) in effects.writes { writes[k] = (v, (writes[k]?.count ?? 0) + 1) }
+    }
+    func clear() { writes.removeAll(keepingCapacity: true) }
 }

@@ -23,6 +23,8 @@ public final class ExactlyOnceConsumer<Transport: MessageTransport, Store: Dedup
     let handler: RecordHandler
     let observer: OutcomeObserver?
     let faults: any FaultInjector
+    /// False when no injector was given: the hot path then skips the hook calls entirely.
+    let faultsEnabled: Bool
     let logger: Logger
     let metrics: ConsumerMetrics
 
@@ -44,6 +46,7 @@ public final class ExactlyOnceConsumer<Transport: MessageTransport, Store: Dedup
         self.handler = handler
         self.observer = observer
         self.faults = faults
+        self.faultsEnabled = !(faults is NoFaults)
         self.logger = logger
         self.metrics = ConsumerMetrics(group: configuration.group, topic: configuration.topic)
     }
@@ -215,14 +218,14 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
         }
         if !offsets.isEmpty {
             let ctx = FaultContext(memberID: memberID)
-            try await c.faults.reach(.beforeCommit, ctx)
+            if c.faultsEnabled { try await c.faults.reach(.beforeCommit, ctx) }
             do {
                 try await subscription.commit(offsets, generation: poll.generation)
                 report.committed = true
             } catch let e as ExactlyOnceError where e.code == .staleGeneration {
                 c.logger.info("commit refused after rebalance; records will be redelivered to the new owner", metadata: ["member": "\(memberID)"])
             }
-            try await c.faults.reach(.afterCommit, ctx)
+            if c.faultsEnabled { try await c.faults.reach(.afterCommit, ctx) }
         }
         var lag: Int64 = 0
         for (p, end) in poll.endOffsets {
@@ -255,6 +258,10 @@ struct LaneResult: Sendable {
 }
 
 /// One partition's sequential processing of one batch.
+///
+/// Completions are buffered and sent to the store in one call at the end of the lane (or before
+/// any single-key claim, which must see them); handlers of later records read the buffered writes
+/// through ``PendingEffects``, so the lane still sees its own effects in order.
 struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
     let consumer: ExactlyOnceConsumer<Transport, Store>
     let memberID: String
@@ -266,14 +273,36 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
         case fenced  // partition moved on; commit nothing more
     }
 
+    struct Buffered {
+        var record: ConsumedRecord
+        var completion: Completion
+        var deadLettered: Bool
+    }
+
+    /// The lane's mutable state while it runs.
+    final class Progress: @unchecked Sendable {  // used by the lane's own task only
+        var result: LaneResult
+        var finished: Offset?
+        var buffered: [Buffered] = []
+        let pending = PendingEffects()
+        let batchLimit: Int
+        init(partition: PartitionID, batchLimit: Int) {
+            result = LaneResult(partition: partition)
+            self.batchLimit = max(1, batchLimit)
+        }
+    }
+
     var fence: PartitionFence {
         PartitionFence(scope: "\(consumer.configuration.group)/\(consumer.configuration.topic)/\(partition.rawValue)", epoch: epoch)
     }
 
+    func claimRequest(_ identity: (key: IdempotencyKey, fingerprint: PayloadFingerprint), prefetch: Bool = false) -> ClaimRequest {
+        ClaimRequest(key: identity.key, fingerprint: identity.fingerprint, lease: consumer.configuration.lease, fence: fence, prefetch: prefetch)
+    }
+
     func process(_ records: [ConsumedRecord]) async throws -> LaneResult {
         let c = consumer
-        var result = LaneResult(partition: partition)
-        var finished: Offset? = nil
+        let progress = Progress(partition: partition, batchLimit: min(c.configuration.completionBatchSize, c.store.completionBatchLimit))
 
         // Keys and fingerprints; malformed records are dead-lettered, never dropped.
         var identities: [(key: IdempotencyKey, fingerprint: PayloadFingerprint)?] = []
@@ -283,163 +312,136 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
         var requestIndex: [Int: Int] = [:]
         for (i, r) in records.enumerated() {
             if let key = try? c.keyFor(r) {
-                let fp = PayloadFingerprint.of(r.payload)
-                identities.append((key, fp))
+                let identity = (key: key, fingerprint: PayloadFingerprint.of(r.payload))
+                identities.append(identity)
                 if firstIndexOfKey[key] == nil {
                     firstIndexOfKey[key] = i
                     requestIndex[i] = requests.count
-                    requests.append(ClaimRequest(key: key, fingerprint: fp, lease: c.configuration.lease, fence: fence))
+                    requests.append(claimRequest(identity, prefetch: true))
                 }
             } else {
                 identities.append(nil)
             }
         }
 
-        try await c.faults.reach(.beforeClaim, FaultContext(memberID: memberID, partition: partition, offset: records.first?.offset))
+        if c.faultsEnabled { try await c.faults.reach(.beforeClaim, FaultContext(memberID: memberID, partition: partition, offset: records.first?.offset)) }
         var claims: [ClaimResult] = []
         do {
             claims = requests.isEmpty ? [] : try await c.store.claim(requests)
         } catch let e as ExactlyOnceError {
-            return stopped(e, at: records[0].offset, result: result)
+            return stopped(e, at: records[0].offset, progress: progress)
         }
         guard claims.count == requests.count else {
             c.logger.error("store answered a wrong number of claim results; pausing lane", metadata: ["partition": "\(partition)"])
-            result.report.pausedLanes = 1
-            result.seek = records[0].offset
-            return result
+            return stopped(ExactlyOnceError(.storeUnavailable, "wrong number of claim results"), at: records[0].offset, progress: progress)
         }
-        try await c.faults.reach(.afterClaim, FaultContext(memberID: memberID, partition: partition, offset: records.first?.offset))
+        if c.faultsEnabled { try await c.faults.reach(.afterClaim, FaultContext(memberID: memberID, partition: partition, offset: records.first?.offset)) }
 
         for (i, record) in records.enumerated() {
             do {
-                guard let identity = identities[i] else {
-                    try await deadLetter(record, key: nil, claim: nil, reason: "malformed record: no valid idempotency key")
-                    result.report.deadLettered += 1
-                    finished = record.offset.next
-                    continue
-                }
-                var claimResult: ClaimResult
-                if let ri = requestIndex[i] {
-                    claimResult = claims[ri]
+                if let identity = identities[i] {
+                    var claimResult: ClaimResult
+                    if let ri = requestIndex[i] {
+                        claimResult = claims[ri]
+                    } else {
+                        // A repeat of a key earlier in this batch: its completion must be in the store first.
+                        try await flush(progress)
+                        claimResult = try await c.store.claim(claimRequest(identity))
+                    }
+                    try await finish(record, identity: identity, claimResult: claimResult, progress: progress)
                 } else {
-                    claimResult = try await c.store.claim(ClaimRequest(key: identity.key, fingerprint: identity.fingerprint, lease: c.configuration.lease, fence: fence))
+                    try await deadLetter(record, key: nil, reason: "malformed record: no valid idempotency key")
+                    progress.result.report.deadLettered += 1
                 }
-                try await finish(record, identity: identity, first: &claimResult, report: &result.report)
-                finished = record.offset.next
+                if progress.buffered.count >= progress.batchLimit { try await flush(progress) }
+                if progress.buffered.isEmpty { progress.finished = record.offset.next }
             } catch let stop as Stop {
-                switch stop {
-                case .pause:
-                    result.report.pausedLanes = 1
-                    result.seek = record.offset
-                case .fenced:
-                    result.report.fencedLanes = 1
-                    c.metrics.fenced.increment()
-                    return result  // nothing of this lane may be committed
-                }
-                break
+                if stop == .fenced { return fenced(progress) }
+                // Keep what is done, then re-read from the first record not known to be finished.
+                do {
+                    try await flush(progress)
+                } catch Stop.fenced {
+                    return fenced(progress)
+                } catch {}
+                let at = progress.buffered.first?.record.offset ?? record.offset
+                return paused(at: at, progress: progress)
             } catch let e as ExactlyOnceError {
-                let r = stopped(e, at: record.offset, result: result)
-                if r.report.fencedLanes > 0 { return r }
-                result = r
-                break
+                let at = progress.buffered.first?.record.offset ?? record.offset
+                return stopped(e, at: at, progress: progress)
             }
-            if result.seek != nil { break }
         }
-        result.commit = finished
-        return result
+        do {
+            try await flush(progress)
+        } catch let stop as Stop {
+            if stop == .fenced { return fenced(progress) }
+            return paused(at: progress.buffered.first?.record.offset ?? records[records.count - 1].offset.next, progress: progress)
+        } catch let e as ExactlyOnceError {
+            return stopped(e, at: progress.buffered.first?.record.offset ?? records[records.count - 1].offset.next, progress: progress)
+        }
+        progress.finished = records[records.count - 1].offset.next
+        progress.result.commit = progress.finished
+        return progress.result
     }
 
-    private func stopped(_ e: ExactlyOnceError, at offset: Offset, result: LaneResult) -> LaneResult {
-        var result = result
-        if e.code == .fenced {
-            consumer.metrics.fenced.increment()
-            consumer.logger.info("lane fenced: partition moved to a newer owner", metadata: ["partition": "\(partition)", "member": "\(memberID)"])
-            result.report.fencedLanes = 1
-            result.commit = nil
-            return result
-        }
+    private func fenced(_ progress: Progress) -> LaneResult {
+        consumer.metrics.fenced.increment()
+        consumer.logger.info("lane fenced: partition moved to a newer owner", metadata: ["partition": "\(partition)", "member": "\(memberID)"])
+        var r = progress.result
+        r.report.fencedLanes = 1
+        r.commit = nil
+        r.seek = nil
+        return r
+    }
+
+    private func paused(at offset: Offset, progress: Progress) -> LaneResult {
+        var r = progress.result
+        r.report.pausedLanes = 1
+        r.seek = offset
+        r.commit = progress.finished
+        return r
+    }
+
+    private func stopped(_ e: ExactlyOnceError, at offset: Offset, progress: Progress) -> LaneResult {
+        if e.code == .fenced { return fenced(progress) }
         consumer.logger.warning("lane paused", metadata: ["partition": "\(partition)", "error": "\(e)"])
-        result.report.pausedLanes = 1
-        result.seek = offset
-        return result
+        return paused(at: offset, progress: progress)
     }
 
-    /// Drives one record to a finished state (effect completed, duplicate answered, or dead-lettered).
-    private func finish(_ record: ConsumedRecord, identity: (key: IdempotencyKey, fingerprint: PayloadFingerprint),
-                        first: inout ClaimResult, report: inout StepReport) async throws {
+    /// Sends the buffered completions to the store in one call. Applied ones are finished; on a
+    /// failure the lane stops at the first one not applied (it is re-read and claimed again).
+    private func flush(_ progress: Progress) async throws {
+        guard !progress.buffered.isEmpty else { return }
         let c = consumer
-        var claimResult = first
-        var retry = 0
-        while true {
-            switch claimResult {
-            case .completed(let outcome):
-                report.duplicates += 1
-                c.metrics.duplicates.increment()
-                await c.observer?(record, outcome, true)
-                return
-            case .conflict:
-                report.conflicts += 1
-                c.metrics.conflicts.increment()
-                c.logger.warning("idempotency key reused with a different payload", metadata: ["key": "\(identity.key)", "partition": "\(partition)", "offset": "\(record.offset)"])
-                try await deadLetter(record, key: identity.key, claim: nil, reason: "conflict: key reused with a different payload")
-                report.deadLettered += 1
-                return
-            case .inProgress:
-                throw Stop.pause
-            case .new(let claim):
-                if claim.attempt > 1 && retry == 0 { c.metrics.leaseExpiries.increment() }
-                if claim.attempt > c.configuration.maxAttempts {
-                    let reason = "gave up after \(claim.attempt - 1) attempts"
-                    try await deadLetter(record, key: identity.key, claim: claim, reason: reason)
-                    report.deadLettered += 1
-                    return
-                }
-                let ctx = FaultContext(memberID: memberID, partition: partition, offset: record.offset, key: identity.key)
-                var hc = HandlerContext(record: record, key: identity.key, claim: claim, transaction: EffectTransaction(store: c.store))
-                let outcome: Outcome
-                do {
-                    outcome = try await c.handler(&hc)
-                } catch let crash as InjectedCrash {
-                    throw crash
-                } catch {
-                    // A failed attempt: release (attempt count kept) and retry after backoff.
-                    report.retries += 1
-                    retry += 1
-                    c.metrics.retries.increment()
-                    c.logger.info("handler failed; retrying", metadata: ["key": "\(identity.key)", "attempt": "\(claim.attempt)", "error": "\(String(describing: error).prefix(200))"])
-                    try await c.store.release(claim, reason: String(describing: error))
-                    let d = c.configuration.retryBackoff.delay(forRetry: retry)
-                    if d > .zero { try await Task.sleep(for: d) }
-                    claimResult = try await c.store.claim(ClaimRequest(key: identity.key, fingerprint: identity.fingerprint, lease: c.configuration.lease, fence: fence))
-                    continue
-                }
-                try await c.faults.reach(.insideEffect, ctx)
-                let completion = Completion(claim: claim, outcome: outcome, effects: hc.transaction.effects)
-                try await c.faults.reach(.afterEffect, ctx)
-                do {
-                    try await completeWithRetries(completion)
-                } catch let e as ExactlyOnceError where e.code == .transactionConflict {
-                    report.retries += 1
-                    retry += 1
-                    try await c.store.release(claim, reason: "transaction conflict")
-                    claimResult = try await c.store.claim(ClaimRequest(key: identity.key, fingerprint: identity.fingerprint, lease: c.configuration.lease, fence: fence))
-                    continue
-                }
-                try await c.faults.reach(.afterComplete, ctx)
-                report.processed += 1
-                c.metrics.processed.increment()
-                await c.observer?(record, outcome, false)
-                return
-            }
+        let batch = progress.buffered
+        let completions = batch.map(\.completion)
+        let outcome = try await retryingUnknownOutcome { try await c.store.complete(completions) }
+        let applied = min(max(outcome.applied, 0), batch.count)
+        for b in batch[..<applied] { await confirmed(b.record, b.completion.outcome, deadLettered: b.deadLettered, progress: progress) }
+        progress.buffered.removeFirst(applied)
+        if applied > 0 {
+            progress.finished = batch[applied - 1].record.offset.next
+            let last = batch[applied - 1]
+            if c.faultsEnabled { try await c.faults.reach(.afterComplete, FaultContext(memberID: memberID, partition: partition, offset: last.record.offset, key: last.completion.claim.key)) }
         }
+        if let failure = outcome.failure, applied < batch.count {
+            if failure.code == .fenced { throw Stop.fenced }
+            c.logger.info("completion refused; re-reading", metadata: ["partition": "\(partition)", "error": "\(failure)"])
+            if failure.code == .transactionConflict {
+                progress.result.report.retries += 1
+                c.metrics.retries.increment()
+            }
+            throw Stop.pause
+        }
+        progress.pending.clear()
     }
 
-    private func completeWithRetries(_ completion: Completion) async throws {
+    /// Runs a completion, retrying it with the same claims while the store is unreachable
+    /// (completions are idempotent per token, so a repeat after an unknown outcome is safe).
+    private func retryingUnknownOutcome<T>(_ body: () async throws -> T) async throws -> T {
         var attempt = 0
         while true {
             do {
-                try await consumer.store.complete(completion)
-                return
+                return try await body()
             } catch let e as ExactlyOnceError where e.code == .storeUnavailable && attempt < consumer.configuration.completionRetries {
                 attempt += 1
                 let d = consumer.configuration.unavailableBackoff.delay(forRetry: attempt)
@@ -448,9 +450,113 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
         }
     }
 
-    /// Publishes the record to the dead-letter topic, then completes its claim (if any) with a
-    /// dead-lettered outcome so a redelivery is answered, not dead-lettered again.
-    private func deadLetter(_ record: ConsumedRecord, key: IdempotencyKey?, claim: Claim?, reason: String) async throws {
+    /// Accounts for a completion the store accepted.
+    private func confirmed(_ record: ConsumedRecord, _ outcome: Outcome, deadLettered: Bool, progress: Progress) async {
+        if !deadLettered {
+            progress.result.report.processed += 1
+            consumer.metrics.processed.increment()
+        }
+        await consumer.observer?(record, outcome, false)
+    }
+
+    /// Completes at once (stores that do not batch), retrying an unknown outcome with the same
+    /// claim. Throws ``Stop`` when the lane must stop; a transaction conflict is rethrown for the
+    /// caller to retry the record.
+    private func completeNow(_ record: ConsumedRecord, _ completion: Completion, deadLettered: Bool, progress: Progress) async throws {
+        let c = consumer
+        do {
+            try await retryingUnknownOutcome { try await c.store.complete(completion) }
+        } catch let e as ExactlyOnceError where e.code == .fenced {
+            throw Stop.fenced
+        }
+        if c.faultsEnabled { try await c.faults.reach(.afterComplete, FaultContext(memberID: memberID, partition: partition, offset: record.offset, key: completion.claim.key)) }
+        await confirmed(record, completion.outcome, deadLettered: deadLettered, progress: progress)
+    }
+
+    /// Either completes now or buffers the completion for the lane's next batched call.
+    private func completeOrBuffer(_ record: ConsumedRecord, _ completion: Completion, deadLettered: Bool, progress: Progress) async throws {
+        if progress.batchLimit > 1 {
+            progress.pending.add(completion.effects)
+            progress.buffered.append(Buffered(record: record, completion: completion, deadLettered: deadLettered))
+        } else {
+            try await completeNow(record, completion, deadLettered: deadLettered, progress: progress)
+        }
+    }
+
+    /// Drives one record to a finished or buffered state (effect buffered for completion,
+    /// duplicate answered, or dead-lettered).
+    private func finish(_ record: ConsumedRecord, identity: (key: IdempotencyKey, fingerprint: PayloadFingerprint),
+                        claimResult first: ClaimResult, progress: Progress) async throws {
+        let c = consumer
+        var claimResult = first
+        var retry = 0
+        while true {
+            switch claimResult {
+            case .completed(let outcome):
+                progress.result.report.duplicates += 1
+                c.metrics.duplicates.increment()
+                await c.observer?(record, outcome, true)
+                return
+            case .conflict:
+                progress.result.report.conflicts += 1
+                c.metrics.conflicts.increment()
+                c.logger.warning("idempotency key reused with a different payload", metadata: ["key": "\(identity.key)", "partition": "\(partition)", "offset": "\(record.offset)"])
+                try await deadLetter(record, key: identity.key, reason: "conflict: key reused with a different payload")
+                progress.result.report.deadLettered += 1
+                return
+            case .inProgress:
+                throw Stop.pause
+            case .new(let claim):
+                if claim.attempt > 1 && retry == 0 { c.metrics.leaseExpiries.increment() }
+                if claim.attempt > c.configuration.maxAttempts {
+                    let reason = "gave up after \(claim.attempt - 1) attempts"
+                    try await deadLetter(record, key: identity.key, reason: reason)
+                    progress.result.report.deadLettered += 1
+                    let completion = Completion(claim: claim, outcome: Outcome(status: .deadLettered, detail: Array(reason.utf8)))
+                    try await completeOrBuffer(record, completion, deadLettered: true, progress: progress)
+                    return
+                }
+                let ctx = FaultContext(memberID: memberID, partition: partition, offset: record.offset, key: identity.key)
+                var hc = HandlerContext(record: record, key: identity.key, claim: claim, transaction: progress.batchLimit > 1 ? EffectTransaction(store: c.store, pending: progress.pending) : EffectTransaction(store: c.store))
+                let outcome: Outcome
+                do {
+                    outcome = try await c.handler(&hc)
+                } catch let crash as InjectedCrash {
+                    throw crash
+                } catch {
+                    // A failed attempt: release (attempt count kept) and retry after backoff.
+                    progress.result.report.retries += 1
+                    retry += 1
+                    c.metrics.retries.increment()
+                    c.logger.info("handler failed; retrying", metadata: ["key": "\(identity.key)", "attempt": "\(claim.attempt)", "error": "\(String(describing: error).prefix(200))"])
+                    try await c.store.release(claim, reason: String(describing: error))
+                    let d = c.configuration.retryBackoff.delay(forRetry: retry)
+                    if d > .zero { try await Task.sleep(for: d) }
+                    claimResult = try await c.store.claim(claimRequest(identity))
+                    continue
+                }
+                if c.faultsEnabled { try await c.faults.reach(.insideEffect, ctx) }
+                let effects = hc.transaction.effects
+                if c.faultsEnabled { try await c.faults.reach(.afterEffect, ctx) }
+                do {
+                    try await completeOrBuffer(record, Completion(claim: claim, outcome: outcome, effects: effects), deadLettered: false, progress: progress)
+                } catch let e as ExactlyOnceError where e.code == .transactionConflict {
+                    // Another writer changed what the effect read: try the record again.
+                    progress.result.report.retries += 1
+                    retry += 1
+                    c.metrics.retries.increment()
+                    try await c.store.release(claim, reason: "transaction conflict")
+                    claimResult = try await c.store.claim(claimRequest(identity))
+                    continue
+                }
+                return
+            }
+        }
+    }
+
+    /// Publishes the record to the dead-letter topic. The caller completes its claim (if any)
+    /// with a dead-lettered outcome, so a redelivery is answered, not dead-lettered again.
+    private func deadLetter(_ record: ConsumedRecord, key: IdempotencyKey?, reason: String) async throws {
         let c = consumer
         var headers = record.headers
         headers["x-dead-letter-reason"] = reason
@@ -466,10 +572,5 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
             throw Stop.pause
         }
         c.metrics.deadLettered.increment()
-        if let claim {
-            let outcome = Outcome(status: .deadLettered, detail: Array(reason.utf8))
-            try await completeWithRetries(Completion(claim: claim, outcome: outcome))
-            await c.observer?(record, outcome, false)
-        }
     }
 }

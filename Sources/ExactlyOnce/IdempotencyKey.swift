@@ -119,7 +119,9 @@ public struct IdempotencyKey: Hashable, Sendable, Comparable, CustomStringConver
 }
 
 /// A stable fingerprint of a record's payload, used to detect the same key arriving with a
-/// different payload (G5). By default the first 16 bytes of the payload's SHA-256.
+/// different payload (G5). Payloads shorter than 16 bytes are their own fingerprint (a length
+/// byte followed by the bytes: exact, no hashing); longer ones use the first 16 bytes of their
+/// SHA-256.
 public struct PayloadFingerprint: Hashable, Sendable, CustomStringConvertible {
     /// The fingerprint bytes.
     public let bytes: [UInt8]
@@ -132,9 +134,18 @@ public struct PayloadFingerprint: Hashable, Sendable, CustomStringConvertible {
         self.bytes = bytes
     }
 
-    /// The default fingerprint of a payload: 16 bytes of its SHA-256.
+    /// The default fingerprint of a payload: the payload itself (length-prefixed) below 16
+    /// bytes, else 16 bytes of its SHA-256.
     public static func of<Bytes: Collection>(_ payload: Bytes) -> PayloadFingerprint where Bytes.Element == UInt8 {
-        PayloadFingerprint(unchecked: Array(SHA256Digest.hash(payload).prefix(16)))
+        let n = payload.count
+        if n < 16 {
+            var bytes = [UInt8]()
+            bytes.reserveCapacity(n + 1)
+            bytes.append(UInt8(n))
+            bytes.append(contentsOf: payload)
+            return PayloadFingerprint(unchecked: bytes)
+        }
+        return PayloadFingerprint(unchecked: Array(SHA256Digest.hash(payload).prefix(16)))
     }
 
     init(unchecked: [UInt8]) { self.bytes = unchecked }

@@ -48,7 +48,9 @@ public final class InMemoryDedupeStore: DedupeStore {
         }
         self.configuration = configuration
         self.clock = clock
-        self.state = Mutex(State(machine: DedupeStateMachine(retention: configuration.retention)))
+        var machine = DedupeStateMachine(retention: configuration.retention, recordsChanges: false)
+        machine.reserveCapacity(min(configuration.capacity, 1 << 16))
+        self.state = Mutex(State(machine: machine))
     }
 
     public func claim(_ requests: [ClaimRequest]) async throws -> [ClaimResult] {
@@ -80,6 +82,26 @@ public final class InMemoryDedupeStore: DedupeStore {
         }
     }
 
+    /// 1: a lock round trip is cheaper than buffering, so completions are not batched.
+    public var completionBatchLimit: Int { 1 }
+
+    public func complete(_ completions: [Completion]) async throws -> BatchCompletion {
+        let now = clock.now()
+        return state.withLock { s in
+            s.changes.removeAll(keepingCapacity: true)
+            for (i, c) in completions.enumerated() {
+                do {
+                    try s.machine.complete(c, now: now, changes: &s.changes)
+                } catch let e as ExactlyOnceError {
+                    return BatchCompletion(applied: i, failure: e)
+                } catch {
+                    return BatchCompletion(applied: i, failure: ExactlyOnceError(.storeUnavailable, "\(error)"))
+                }
+            }
+            return BatchCompletion(applied: completions.count, failure: nil)
+        }
+    }
+
     public func release(_ claim: Claim, reason: String) async throws {
         let now = clock.now()
         try state.withLock { s in
@@ -90,6 +112,10 @@ public final class InMemoryDedupeStore: DedupeStore {
 
     public func readState(_ keys: [String]) async throws -> [String: VersionedValue] {
         state.withLock { $0.machine.readState(keys) }
+    }
+
+    public func readState(_ key: String) async throws -> VersionedValue {
+        state.withLock { $0.machine.readState(key) }
     }
 
     public func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord] {

@@ -9,6 +9,10 @@ import Synchronization
 ///   expelled on the next group operation, as Kafka expels a member whose session lapsed.
 /// - Deterministic: no background tasks, no timers; the same sequence of calls with the same
 ///   clock gives the same results, which is what the simulator relies on.
+/// - Generations (and so partition epochs) start at the creation time in milliseconds × 1000, so
+///   a restarted process hands out higher epochs than the one before it, as long as it made fewer
+///   than 1000 rebalances per millisecond it ran. A durable dedupe store remembers the highest
+///   epoch per partition; epochs that restarted at 1 would be fenced forever.
 public final class InMemoryTransport: MessageTransport {
     /// Configuration of the in-memory transport.
     public struct Configuration: Sendable {
@@ -32,7 +36,7 @@ public final class InMemoryTransport: MessageTransport {
 
     struct Group: Sendable {
         var topic: String
-        var generation: UInt64 = 0
+        var generation: UInt64
         var members: [String: Member] = [:]
         var owner: [PartitionID: String] = [:]
         var epochs: [PartitionID: UInt64] = [:]
@@ -42,11 +46,13 @@ public final class InMemoryTransport: MessageTransport {
     struct State: Sendable {
         var topics: [String: [[StoredRecord]]] = [:]
         var groups: [String: Group] = [:]
+        var delivered = 0
     }
 
     private let state = Mutex(State())
     private let clock: any WallClock
     private let configuration: Configuration
+    private let firstGeneration: UInt64
 
     /// Creates a transport with `topics` (name to partition count).
     /// - Throws: ``ExactlyOnceError/Code/invalidPartition`` for a partition count below 1,
@@ -54,6 +60,7 @@ public final class InMemoryTransport: MessageTransport {
     public init(topics: [String: Int], configuration: Configuration = .init(), clock: any WallClock = SystemWallClock()) throws {
         self.clock = clock
         self.configuration = configuration
+        self.firstGeneration = UInt64(max(0, clock.now().milliseconds)) &* 1000
         for (name, count) in topics { try createTopic(name, partitions: count) }
     }
 
@@ -127,6 +134,9 @@ public final class InMemoryTransport: MessageTransport {
         return ends.allSatisfy { p, end in end.rawValue == 0 || (committed[p] ?? Offset(0)) >= end }
     }
 
+    /// Records handed out by polls so far, over all groups (redeliveries counted each time).
+    public var deliveredRecords: Int { state.withLock { $0.delivered } }
+
     /// Removes a member as if its session lapsed (a crash): no commit, partitions move at once.
     public func expel(memberID: String, group: String, topic: String) {
         state.withLock { s in
@@ -156,7 +166,7 @@ public final class InMemoryTransport: MessageTransport {
         try state.withLock { s in
             guard let t = s.topics[topic] else { throw ExactlyOnceError(.transportFailure, "unknown topic \(topic)") }
             let key = Self.groupKey(group, topic)
-            var g = s.groups[key] ?? Group(topic: topic)
+            var g = s.groups[key] ?? Group(topic: topic, generation: firstGeneration)
             Self.expireSessions(&g, now: now, timeout: configuration.sessionTimeout, partitionCount: t.count)
             g.members[memberID] = Member(lastSeen: now)
             Self.rebalance(&g, partitionCount: t.count)
@@ -245,6 +255,7 @@ public final class InMemoryTransport: MessageTransport {
                         }
                         me.positions[p] = Int64(end)
                     }
+                    s.delivered += records.count
                 } else {
                     me.knownGeneration = g.generation
                 }

@@ -13,9 +13,21 @@ public struct DedupeStateMachine: Sendable {
     public private(set) var lastToken: UInt64 = 0
     /// How long completed records are kept (nil: forever).
     public var retention: Duration?
+    /// Whether operations report their ``Change``s (journaling stores need them; the in-memory
+    /// store does not, and skipping them keeps its hot path free of copies).
+    public var recordsChanges: Bool
 
     /// Creates an empty state machine.
-    public init(retention: Duration?) { self.retention = retention }
+    public init(retention: Duration?, recordsChanges: Bool = true) {
+        self.retention = retention
+        self.recordsChanges = recordsChanges
+    }
+
+    /// Reserves room for `records` dedupe records and as many state keys.
+    public mutating func reserveCapacity(_ records: Int) {
+        self.records.reserveCapacity(records)
+        self.state.reserveCapacity(records)
+    }
 
     /// A change the machine made, for journaling stores.
     public enum Change: Sendable, Hashable {
@@ -47,14 +59,18 @@ public struct DedupeStateMachine: Sendable {
         for r in requests {
             if let f = r.fence, (fences[f.scope] ?? 0) < f.epoch {
                 fences[f.scope] = f.epoch
-                changes.append(.fence(scope: f.scope, epoch: f.epoch))
+                if recordsChanges { changes.append(.fence(scope: f.scope, epoch: f.epoch)) }
             }
         }
         var results: [ClaimResult] = []
         results.reserveCapacity(requests.count)
+        var granted = false
         for request in requests {
             var attempts = 0
-            if let existing = records[request.key], isLive(existing, now: now) {
+            var sameOwner = false
+            let found = records.index(forKey: request.key)
+            if let found, isLive(records.values[found], now: now) {
+                let existing = records.values[found]
                 if existing.fingerprint != request.fingerprint {
                     results.append(.conflict(stored: existing.fingerprint, outcome: existing.phase == .completed ? existing.outcome : nil))
                     continue
@@ -64,31 +80,38 @@ public struct DedupeStateMachine: Sendable {
                     results.append(.completed(existing.outcome ?? Outcome(status: .applied)))
                     continue
                 case .inProgress:
-                    let newerOwner: Bool = {
-                        guard let mine = request.fence, let theirs = existing.fence, mine.scope == theirs.scope else { return false }
-                        return mine.epoch > theirs.epoch
-                    }()
-                    if now < existing.leaseExpiresAt && !newerOwner {
+                    // The partition's owner of the same or a newer epoch may take over at once:
+                    // an older epoch is fenced anyway, and the same epoch is this owner itself
+                    // re-claiming after an unknown outcome. That re-claim is not a new attempt.
+                    var newerOrSameOwner = false
+                    if let mine = request.fence, let theirs = existing.fence, mine.scope == theirs.scope {
+                        newerOrSameOwner = mine.epoch >= theirs.epoch
+                        sameOwner = mine.epoch == theirs.epoch
+                    }
+                    if now < existing.leaseExpiresAt && !newerOrSameOwner {
                         results.append(.inProgress(leaseExpiresAt: existing.leaseExpiresAt))
                         continue
                     }
+                    attempts = existing.attempts
                 case .released:
-                    break
+                    attempts = existing.attempts
                 }
-                attempts = existing.attempts
-            } else if let existing = records[request.key], !isLive(existing, now: now) {
-                records[request.key] = nil
-                changes.append(.removed(existing.key))
+            } else if let found {
+                // Expired: forget it and start afresh.
+                records.remove(at: found)
+                if recordsChanges { changes.append(.removed(request.key)) }
             }
             lastToken += 1
+            let charged = !(request.prefetch && granted) && !sameOwner
+            granted = true
             let expires = now.advanced(by: request.lease)
             let record = DedupeRecord(
-                key: request.key, fingerprint: request.fingerprint, phase: .inProgress, attempts: attempts + 1,
+                key: request.key, fingerprint: request.fingerprint, phase: .inProgress, attempts: charged ? attempts + 1 : attempts,
                 token: FencingToken(lastToken), leaseExpiresAt: expires, fence: request.fence
             )
             records[request.key] = record
-            changes.append(.record(record))
-            results.append(.new(Claim(key: request.key, token: record.token, attempt: record.attempts,
+            if recordsChanges { changes.append(.record(record)) }
+            results.append(.new(Claim(key: request.key, token: record.token, attempt: sameOwner ? max(1, attempts) : attempts + 1,
                                       leaseExpiresAt: expires, fingerprint: request.fingerprint, fence: request.fence)))
         }
         return results
@@ -108,13 +131,21 @@ public struct DedupeStateMachine: Sendable {
     /// Applies a completion. Returns false when it was an idempotent repeat.
     @discardableResult
     public mutating func complete(_ completion: Completion, now: Timestamp, changes: inout [Change]) throws -> Bool {
-        var record = try checkOwner(completion.claim, now: now)
-        if record.phase == .completed { return false }
-        guard record.phase == .inProgress else {
-            throw ExactlyOnceError(.fenced, "claim token \(record.token) on \(record.key) was released")
+        try checkFence(completion.claim.fence)
+        let claim = completion.claim
+        guard let index = records.index(forKey: claim.key) else {
+            throw ExactlyOnceError(.fenced, "key \(claim.key) is no longer held (expired or evicted)")
         }
-        guard now < record.leaseExpiresAt else {
-            throw ExactlyOnceError(.fenced, "lease of token \(record.token) on \(record.key) expired before completion")
+        let (phase, token, leaseEnd) = (records.values[index].phase, records.values[index].token, records.values[index].leaseExpiresAt)
+        guard token == claim.token else {
+            throw ExactlyOnceError(.fenced, "claim token \(claim.token) on \(claim.key) was superseded by token \(token)")
+        }
+        if phase == .completed { return false }
+        guard phase == .inProgress else {
+            throw ExactlyOnceError(.fenced, "claim token \(token) on \(claim.key) was released")
+        }
+        guard now < leaseEnd else {
+            throw ExactlyOnceError(.fenced, "lease of token \(token) on \(claim.key) expired before completion")
         }
         for (key, version) in completion.effects.reads where (state[key]?.version ?? 0) != version {
             throw ExactlyOnceError(.transactionConflict, "state key \(IdempotencyKey.abbreviate(key)) changed during the effect")
@@ -122,13 +153,13 @@ public struct DedupeStateMachine: Sendable {
         for (key, value) in completion.effects.writes {
             let v = VersionedValue(value: value, version: (state[key]?.version ?? 0) + 1)
             state[key] = v
-            changes.append(.state(key: key, value: v))
+            if recordsChanges { changes.append(.state(key: key, value: v)) }
         }
-        record.phase = .completed
-        record.outcome = completion.outcome
-        record.expiresAt = retention.map { now.advanced(by: $0) }
-        records[record.key] = record
-        changes.append(.record(record))
+        // Mutate in place: no second lookup, no copy of the record.
+        records.values[index].phase = .completed
+        records.values[index].outcome = completion.outcome
+        records.values[index].expiresAt = retention.map { now.advanced(by: $0) }
+        if recordsChanges { changes.append(.record(records.values[index])) }
         return true
     }
 
@@ -142,7 +173,7 @@ public struct DedupeStateMachine: Sendable {
         record.phase = .released
         record.lastFailure = String(reason.prefix(512))
         records[record.key] = record
-        changes.append(.record(record))
+        if recordsChanges { changes.append(.record(record)) }
     }
 
     /// Removes completed records whose retention ended; returns how many.
@@ -150,7 +181,7 @@ public struct DedupeStateMachine: Sendable {
         let expired = records.values.filter { !isLive($0, now: now) }.map(\.key)
         for key in expired {
             records[key] = nil
-            changes.append(.removed(key))
+            if recordsChanges { changes.append(.removed(key)) }
         }
         return expired.count
     }
@@ -160,7 +191,7 @@ public struct DedupeStateMachine: Sendable {
         let victims = records.values.filter { $0.phase == .completed }.sorted { $0.token < $1.token }.prefix(count).map(\.key)
         for key in victims {
             records[key] = nil
-            changes.append(.removed(key))
+            if recordsChanges { changes.append(.removed(key)) }
         }
         return victims.count
     }
@@ -177,6 +208,9 @@ public struct DedupeStateMachine: Sendable {
         case .fence(let scope, let epoch): fences[scope] = max(fences[scope] ?? 0, epoch)
         }
     }
+
+    /// Reads one state value.
+    public func readState(_ key: String) -> VersionedValue { state[key] ?? VersionedValue(value: nil, version: 0) }
 
     /// Reads state.
     public func readState(_ keys: [String]) -> [String: VersionedValue] {

@@ -31,7 +31,8 @@ enum DedupeScripts {
     """
 
     /// KEYS: token counter, fence hash, one record key per request.
-    /// ARGV: now, then per request: fingerprint, lease end, has-fence (1/0), scope, epoch.
+    /// ARGV: now, then per request: fingerprint, lease end, has-fence (1/0), scope, epoch,
+    /// prefetch (1/0).
     /// Reply: `{'FENCED', index, seenEpoch}` or one entry per request:
     /// `{'N', token, attempt}`, `{'D', status, detail}`, `{'P', leaseEnd}`,
     /// `{'C', storedFingerprint, hasOutcome (1/0), status, detail}`.
@@ -39,27 +40,29 @@ enum DedupeScripts {
     local now = tonumber(ARGV[1])
     local n = #KEYS - 2
     for i = 1, n do
-      local b = 1 + (i - 1) * 5
+      local b = 1 + (i - 1) * 6
       if ARGV[b + 3] == '1' then
         local seen = redis.call('HGET', KEYS[2], ARGV[b + 4])
         if seen and older(ARGV[b + 5], seen) then return {'FENCED', i, seen} end
       end
     end
     for i = 1, n do
-      local b = 1 + (i - 1) * 5
+      local b = 1 + (i - 1) * 6
       if ARGV[b + 3] == '1' then
         local seen = redis.call('HGET', KEYS[2], ARGV[b + 4])
         if (not seen) or older(seen, ARGV[b + 5]) then redis.call('HSET', KEYS[2], ARGV[b + 4], ARGV[b + 5]) end
       end
     end
     local out = {}
+    local granted = false
     for i = 1, n do
-      local b = 1 + (i - 1) * 5
+      local b = 1 + (i - 1) * 6
       local rk = KEYS[2 + i]
       local fp = ARGV[b + 1]
       local fenced = ARGV[b + 3] == '1'
       local r = redis.call('HMGET', rk, 'fp', 'ph', 'at', 'le', 'os', 'od', 'ex', 'fs', 'fe')
       local attempts = 0
+      local sameOwner = false
       local take = true
       if r[1] then
         if r[2] == '3' and r[7] and r[7] ~= '' and now >= tonumber(r[7]) then
@@ -72,8 +75,12 @@ enum DedupeScripts {
           take = false
         else
           if r[2] == '1' then
-            local newer = fenced and r[8] == ARGV[b + 4] and r[9] and older(r[9], ARGV[b + 5])
-            if now < tonumber(r[4]) and not newer then
+            local newerOrSame = false
+            if fenced and r[8] == ARGV[b + 4] and r[9] then
+              newerOrSame = not older(ARGV[b + 5], r[9])
+              sameOwner = r[9] == ARGV[b + 5]
+            end
+            if now < tonumber(r[4]) and not newerOrSame then
               out[i] = {'P', r[4]}
               take = false
             end
@@ -83,53 +90,82 @@ enum DedupeScripts {
       end
       if take then
         local tok = redis.call('INCR', KEYS[1])
-        attempts = attempts + 1
+        local charged = not (ARGV[b + 6] == '1' and granted) and not sameOwner
+        granted = true
+        local stored = attempts
+        if charged then stored = attempts + 1 end
         redis.call('DEL', rk)
         if fenced then
-          redis.call('HSET', rk, 'fp', fp, 'ph', '1', 'at', attempts, 'tok', tok, 'le', ARGV[b + 2], 'fs', ARGV[b + 4], 'fe', ARGV[b + 5])
+          redis.call('HSET', rk, 'fp', fp, 'ph', '1', 'at', stored, 'tok', tok, 'le', ARGV[b + 2], 'fs', ARGV[b + 4], 'fe', ARGV[b + 5])
         else
-          redis.call('HSET', rk, 'fp', fp, 'ph', '1', 'at', attempts, 'tok', tok, 'le', ARGV[b + 2])
+          redis.call('HSET', rk, 'fp', fp, 'ph', '1', 'at', stored, 'tok', tok, 'le', ARGV[b + 2])
         end
-        out[i] = {'N', tok, attempts}
+        local attempt = attempts + 1
+        if sameOwner then attempt = math.max(1, attempts) end
+        out[i] = {'N', tok, attempt}
       end
     end
     return out
     """)
 
-    /// KEYS: fence hash, record, the read state keys, then the written state keys.
-    /// ARGV: now, token, has-fence, scope, epoch, retention ms ('' for none), retention end,
-    /// outcome status, outcome detail, read count, the read versions, then per write: 1/0
-    /// (set/remove) and the value.
-    /// Reply: `{'OK'}`, `{'REPEAT'}`, `{'FENCED', reason, detail}` or `{'CONFLICT', readIndex}`.
+    /// Completes claims in order, each with its effect, stopping at the first that fails; the
+    /// whole call is one atomic unit.
+    ///
+    /// KEYS: fence hash, then per completion: its record, its read state keys, its written
+    /// state keys. ARGV: now, retention ms ('' for none), then per completion: token, has-fence,
+    /// scope, epoch, retention end, outcome status, outcome detail, read count, write count,
+    /// the read versions, then per write 1/0 (set/remove) and the value.
+    /// Reply: one entry per completion handled: `{'OK'}` or `{'REPEAT'}`; the last may instead be
+    /// `{'FENCED', reason, detail}` or `{'CONFLICT', readIndex}`, and then the rest were not run.
     static let complete = RedisScript(helpers + """
     local now = tonumber(ARGV[1])
-    if ARGV[3] == '1' then
-      local seen = redis.call('HGET', KEYS[1], ARGV[4])
-      if seen and older(ARGV[5], seen) then return {'FENCED', 'epoch', seen} end
+    local retention = ARGV[2]
+    local a = 3
+    local k = 2
+    local out = {}
+    local function one()
+      local token, hasFence, scope, epoch = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+      local retentionEnd, ostatus, odetail = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+      local nr, nw = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
+      local rk = KEYS[k]
+      local reads = a + 9
+      local writes = reads + nr
+      local firstRead = k + 1
+      local firstWrite = k + 1 + nr
+      a = writes + 2 * nw
+      k = firstWrite + nw
+      if hasFence == '1' then
+        local seen = redis.call('HGET', KEYS[1], scope)
+        if seen and older(epoch, seen) then return {'FENCED', 'epoch', seen} end
+      end
+      local r = redis.call('HMGET', rk, 'tok', 'ph', 'le')
+      if not r[1] then return {'FENCED', 'missing', ''} end
+      if r[1] ~= token then return {'FENCED', 'superseded', r[1]} end
+      if r[2] == '3' then return {'REPEAT'} end
+      if r[2] ~= '1' then return {'FENCED', 'released', ''} end
+      if now >= tonumber(r[3]) then return {'FENCED', 'expired', ''} end
+      for i = 0, nr - 1 do
+        local ver = redis.call('HGET', KEYS[firstRead + i], 'ver') or '0'
+        if ver ~= ARGV[reads + i] then return {'CONFLICT', i + 1} end
+      end
+      for i = 0, nw - 1 do
+        local sk = KEYS[firstWrite + i]
+        redis.call('HINCRBY', sk, 'ver', 1)
+        if ARGV[writes + 2 * i] == '1' then redis.call('HSET', sk, 'v', ARGV[writes + 2 * i + 1]) else redis.call('HDEL', sk, 'v') end
+      end
+      redis.call('HSET', rk, 'ph', '3', 'os', ostatus, 'od', odetail)
+      if retention ~= '' then
+        redis.call('HSET', rk, 'ex', retentionEnd)
+        redis.call('PEXPIRE', rk, retention)
+      end
+      return {'OK'}
     end
-    local r = redis.call('HMGET', KEYS[2], 'tok', 'ph', 'le')
-    if not r[1] then return {'FENCED', 'missing', ''} end
-    if r[1] ~= ARGV[2] then return {'FENCED', 'superseded', r[1]} end
-    if r[2] == '3' then return {'REPEAT'} end
-    if r[2] ~= '1' then return {'FENCED', 'released', ''} end
-    if now >= tonumber(r[3]) then return {'FENCED', 'expired', ''} end
-    local nr = tonumber(ARGV[10])
-    for i = 1, nr do
-      local ver = redis.call('HGET', KEYS[2 + i], 'ver') or '0'
-      if ver ~= ARGV[10 + i] then return {'CONFLICT', i} end
+    while k <= #KEYS do
+      local r = one()
+      out[#out + 1] = r
+      if r[1] ~= 'OK' and r[1] ~= 'REPEAT' then return out end
     end
-    local a = 11 + nr
-    for j = 3 + nr, #KEYS do
-      redis.call('HINCRBY', KEYS[j], 'ver', 1)
-      if ARGV[a] == '1' then redis.call('HSET', KEYS[j], 'v', ARGV[a + 1]) else redis.call('HDEL', KEYS[j], 'v') end
-      a = a + 2
-    end
-    redis.call('HSET', KEYS[2], 'ph', '3', 'os', ARGV[8], 'od', ARGV[9])
-    if ARGV[6] ~= '' then
-      redis.call('HSET', KEYS[2], 'ex', ARGV[7])
-      redis.call('PEXPIRE', KEYS[2], ARGV[6])
-    end
-    return {'OK'}
+    return out
     """)
 
     /// KEYS: fence hash, record. ARGV: now, token, has-fence, scope, epoch, reason.

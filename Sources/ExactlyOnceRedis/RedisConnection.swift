@@ -104,10 +104,21 @@ final class RedisConnection {
 
     private func append(_ argv: [[UInt8]]) throws {
         precondition(!argv.isEmpty, "a Redis command needs a name")
+        // All arguments in one buffer (plus a trailing byte, so even empty arguments point into
+        // valid memory); the pointers into it live only inside this closure.
+        var storage: [UInt8] = []
+        storage.reserveCapacity(argv.reduce(1) { $0 + $1.count })
+        var offsets: [Int] = []
+        offsets.reserveCapacity(argv.count)
+        for a in argv {
+            offsets.append(storage.count)
+            storage.append(contentsOf: a)
+        }
+        storage.append(0)
         let lengths = argv.map(\.count)
-        // Pointers to each argument live only inside this nested scope.
-        let status: Int32 = withPointers(argv) { pointers in
-            var pointers = pointers
+        let status: Int32 = storage.withUnsafeBytes { bytes in
+            let base = bytes.baseAddress!.assumingMemoryBound(to: CChar.self)
+            var pointers: [UnsafePointer<CChar>?] = offsets.map { base + $0 }
             return lengths.withUnsafeBufferPointer { lens in
                 pointers.withUnsafeMutableBufferPointer { ptrs in
                     redisAppendCommandArgv(context, Int32(argv.count), ptrs.baseAddress, lens.baseAddress)
@@ -118,22 +129,6 @@ final class RedisConnection {
             isBroken = true
             throw ExactlyOnceError(.storeUnavailable, "cannot queue a Redis command: \(errorString)")
         }
-    }
-
-    /// Calls `body` with a C pointer to each argument's bytes (valid only during the call).
-    private func withPointers<R>(_ argv: [[UInt8]], _ body: ([UnsafePointer<CChar>?]) -> R) -> R {
-        var pointers: [UnsafePointer<CChar>?] = []
-        pointers.reserveCapacity(argv.count)
-        func go(_ index: Int) -> R {
-            if index == argv.count { return body(pointers) }
-            // An empty argument still needs a valid pointer; its length (0) says to read nothing.
-            let storage = argv[index].isEmpty ? [0] : argv[index]
-            return storage.withUnsafeBytes { buffer in
-                pointers.append(buffer.baseAddress?.assumingMemoryBound(to: CChar.self))
-                return go(index + 1)
-            }
-        }
-        return go(0)
     }
 
     /// Copies a hiredis reply tree into a Swift value (the C tree is freed by the caller).

@@ -33,9 +33,6 @@ public final class RedisDedupeStore: DedupeStore {
         public var keyPrefix: String = "exactly-once:"
         /// How long completed records are kept (enforced with `PEXPIRE`). Default: nil (forever).
         public var retention: Duration? = nil
-        /// Largest number of claims handled by one script call; larger batches are split into
-        /// several calls sent in one pipelined round trip. Default: 512.
-        public var maximumClaimsPerScript: Int = 512
         /// All defaults.
         public init() {}
         /// Defaults, reaching Redis as `redis`.
@@ -56,9 +53,6 @@ public final class RedisDedupeStore: DedupeStore {
     /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` for out-of-range values.
     public init(configuration: Configuration = .init(), clock: any WallClock = SystemWallClock(),
                 logger: Logger = Logger(label: "exactly-once.redis", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
-        guard configuration.maximumClaimsPerScript >= 1 else {
-            throw ExactlyOnceError(.invalidConfiguration, "maximumClaimsPerScript must be at least 1")
-        }
         if let retention = configuration.retention, retention <= .zero {
             throw ExactlyOnceError(.invalidConfiguration, "retention must be positive")
         }
@@ -87,65 +81,78 @@ public final class RedisDedupeStore: DedupeStore {
     public func claim(_ requests: [ClaimRequest]) async throws -> [ClaimResult] {
         if requests.isEmpty { return [] }
         let now = clock.now()
-        let chunks = stride(from: 0, to: requests.count, by: configuration.maximumClaimsPerScript).map {
-            Array(requests[$0..<min($0 + configuration.maximumClaimsPerScript, requests.count)])
+        // The whole batch is one script call: one atomic unit, so the fence check, the
+        // prefetch charging and the answers follow the batch order exactly.
+        var keys: [[UInt8]] = [tokenKey, fencesKey]
+        var args: [[UInt8]] = [Self.decimal(now.milliseconds)]
+        keys.reserveCapacity(requests.count + 2)
+        args.reserveCapacity(requests.count * 6 + 1)
+        for r in requests {
+            keys.append(recordKey(r.key))
+            args.append(r.fingerprint.bytes)
+            args.append(Self.decimal(now.advanced(by: r.lease).milliseconds))
+            Self.appendFence(r.fence, to: &args)
+            args.append(r.prefetch ? Self.one : Self.zero)
         }
-        let commands = chunks.map { chunk in
-            var keys: [[UInt8]] = [tokenKey, fencesKey]
-            var args: [[UInt8]] = [Self.decimal(now.milliseconds)]
-            keys.reserveCapacity(chunk.count + 2)
-            args.reserveCapacity(chunk.count * 5 + 1)
-            for r in chunk {
-                keys.append(recordKey(r.key))
-                args.append(r.fingerprint.bytes)
-                args.append(Self.decimal(now.advanced(by: r.lease).milliseconds))
-                Self.appendFence(r.fence, to: &args)
-            }
-            return (keys, args)
-        }
-        let replies = try await evaluate(DedupeScripts.claim, commands)
-        var results: [ClaimResult] = []
-        results.reserveCapacity(requests.count)
-        for (chunk, reply) in zip(chunks, replies) {
-            results += try Self.decodeClaims(reply, requests: chunk, now: now)
-        }
-        return results
+        let reply = try await evaluate(DedupeScripts.claim, [(keys, args)])[0]
+        return try Self.decodeClaims(reply, requests: requests, now: now)
     }
 
     public func complete(_ completion: Completion) async throws {
+        let result = try await completeInOrder([completion])
+        if let failure = result.failure { throw failure }
+    }
+
+    /// Completes claims in order in one script call (one round trip, one atomic unit), stopping
+    /// at the first that fails.
+    public func complete(_ completions: [Completion]) async throws -> BatchCompletion {
+        if completions.isEmpty { return BatchCompletion(applied: 0, failure: nil) }
+        return try await completeInOrder(completions)
+    }
+
+    private func completeInOrder(_ completions: [Completion]) async throws -> BatchCompletion {
         let now = clock.now()
-        let claim = completion.claim
-        var keys: [[UInt8]] = [fencesKey, recordKey(claim.key)]
-        var args: [[UInt8]] = [Self.decimal(now.milliseconds), Self.decimal(claim.token.rawValue)]
-        Self.appendFence(claim.fence, to: &args)
+        var keys: [[UInt8]] = [fencesKey]
+        var args: [[UInt8]] = [Self.decimal(now.milliseconds)]
+        let retentionEnd: [UInt8]
         if let retention = configuration.retention {
-            let ms = max(1, Self.milliseconds(retention))
-            args.append(Self.decimal(ms))
-            args.append(Self.decimal(now.advanced(by: retention).milliseconds))
+            args.append(Self.decimal(max(1, Self.milliseconds(retention))))
+            retentionEnd = Self.decimal(now.advanced(by: retention).milliseconds)
         } else {
             args.append([])
-            args.append([])
+            retentionEnd = []
         }
-        args.append(Self.decimal(UInt64(completion.outcome.status.rawValue)))
-        args.append(completion.outcome.detail)
-        let reads = completion.effects.reads.sorted { $0.key < $1.key }
-        args.append(Self.decimal(UInt64(reads.count)))
-        for (key, version) in reads {
-            keys.append(stateKey(key))
-            args.append(Self.decimal(version))
-        }
-        for (key, value) in completion.effects.writes.sorted(by: { $0.key < $1.key }) {
-            keys.append(stateKey(key))
-            if let value {
-                args.append(Self.one)
-                args.append(value)
-            } else {
-                args.append(Self.zero)
-                args.append([])
+        var readKeys: [[String]] = []
+        for completion in completions {
+            let claim = completion.claim
+            keys.append(recordKey(claim.key))
+            args.append(Self.decimal(claim.token.rawValue))
+            Self.appendFence(claim.fence, to: &args)
+            args.append(retentionEnd)
+            args.append(Self.decimal(UInt64(completion.outcome.status.rawValue)))
+            args.append(completion.outcome.detail)
+            let reads = completion.effects.reads.sorted { $0.key < $1.key }
+            let writes = completion.effects.writes.sorted { $0.key < $1.key }
+            args.append(Self.decimal(UInt64(reads.count)))
+            args.append(Self.decimal(UInt64(writes.count)))
+            for (key, version) in reads {
+                keys.append(stateKey(key))
+                args.append(Self.decimal(version))
             }
+            for (key, value) in writes {
+                keys.append(stateKey(key))
+                if let value {
+                    args.append(Self.one)
+                    args.append(value)
+                } else {
+                    args.append(Self.zero)
+                    args.append([])
+                }
+            }
+            readKeys.append(reads.map(\.key))
         }
         let reply = try await evaluate(DedupeScripts.complete, [(keys, args)])[0]
-        try Self.decodeCompletion(reply, claim: claim, readKeys: reads.map(\.key))
+        return try Self.decodeCompletions(reply, completions.map(\.claim), readKeys: readKeys)
     }
 
     public func release(_ claim: Claim, reason: String) async throws {
@@ -154,7 +161,7 @@ public final class RedisDedupeStore: DedupeStore {
         Self.appendFence(claim.fence, to: &args)
         args.append(Array(String(reason.prefix(512)).utf8))
         let reply = try await evaluate(DedupeScripts.release, [([fencesKey, recordKey(claim.key)], args)])[0]
-        try Self.decodeCompletion(reply, claim: claim, readKeys: [])
+        if let failure = try Self.decodeStep(reply, claim: claim, readKeys: []) { throw failure }
     }
 
     public func readState(_ keys: [String]) async throws -> [String: VersionedValue] {
@@ -269,33 +276,49 @@ public final class RedisDedupeStore: DedupeStore {
         }
     }
 
-    static func decodeCompletion(_ reply: RedisReply, claim: Claim, readKeys: [String]) throws {
+    /// Decodes the complete script's answer: how many completions applied, and why the next failed.
+    static func decodeCompletions(_ reply: RedisReply, _ claims: [Claim], readKeys: [[String]]) throws -> BatchCompletion {
+        let steps = try ReplyDecoding.array(reply, "completion", atLeast: 1)
+        guard steps.count <= claims.count, claims.count == readKeys.count else { throw ReplyDecoding.unexpected("completion", reply) }
+        for (index, step) in steps.enumerated() {
+            if let failure = try decodeStep(step, claim: claims[index], readKeys: readKeys[index]) {
+                guard index == steps.count - 1 else { throw ReplyDecoding.unexpected("completion", reply) }
+                return BatchCompletion(applied: index, failure: failure)
+            }
+        }
+        // Without a failure the script handles every completion.
+        guard steps.count == claims.count else { throw ReplyDecoding.unexpected("completion", reply) }
+        return BatchCompletion(applied: steps.count, failure: nil)
+    }
+
+    /// One completion's or release's answer: nil for success, the refusal otherwise.
+    static func decodeStep(_ reply: RedisReply, claim: Claim, readKeys: [String]) throws -> ExactlyOnceError? {
         let parts = try ReplyDecoding.array(reply, "completion", atLeast: 1)
         switch try ReplyDecoding.text(parts[0], "completion") {
         case "OK" where parts.count == 1, "REPEAT" where parts.count == 1:
-            return
+            return nil
         case "FENCED" where parts.count == 3:
-            let detail = try ReplyDecoding.text(parts[2], "completion")
+            let detail = IdempotencyKeyText.bounded(try ReplyDecoding.text(parts[2], "completion"))
             switch try ReplyDecoding.text(parts[1], "completion") {
             case "epoch":
-                throw ExactlyOnceError(.fenced, "partition \(claim.fence?.scope ?? "?") moved to epoch \(IdempotencyKeyText.bounded(detail)); this member holds epoch \(claim.fence.map { "\($0.epoch)" } ?? "?")")
+                return ExactlyOnceError(.fenced, "partition \(claim.fence?.scope ?? "?") moved to epoch \(detail); this member holds epoch \(claim.fence.map { "\($0.epoch)" } ?? "?")")
             case "missing":
-                throw ExactlyOnceError(.fenced, "key \(claim.key) is no longer held (expired or evicted)")
+                return ExactlyOnceError(.fenced, "key \(claim.key) is no longer held (expired or evicted)")
             case "superseded":
-                throw ExactlyOnceError(.fenced, "claim token \(claim.token) on \(claim.key) was superseded by token \(IdempotencyKeyText.bounded(detail))")
+                return ExactlyOnceError(.fenced, "claim token \(claim.token) on \(claim.key) was superseded by token \(detail)")
             case "released":
-                throw ExactlyOnceError(.fenced, "claim token \(claim.token) on \(claim.key) was released")
+                return ExactlyOnceError(.fenced, "claim token \(claim.token) on \(claim.key) was released")
             case "expired":
-                throw ExactlyOnceError(.fenced, "lease of token \(claim.token) on \(claim.key) expired before completion")
+                return ExactlyOnceError(.fenced, "lease of token \(claim.token) on \(claim.key) expired before completion")
             case "completed":
-                throw ExactlyOnceError(.fenced, "key \(claim.key) already completed; it cannot be released")
+                return ExactlyOnceError(.fenced, "key \(claim.key) already completed; it cannot be released")
             default:
                 throw ReplyDecoding.unexpected("completion", reply)
             }
         case "CONFLICT" where parts.count == 2:
             let index = try ReplyDecoding.int64(parts[1], "completion")
             guard index >= 1, index <= Int64(readKeys.count) else { throw ReplyDecoding.unexpected("completion", reply) }
-            throw ExactlyOnceError(.transactionConflict, "state key \(IdempotencyKeyText.bounded(readKeys[Int(index) - 1])) changed during the effect")
+            return ExactlyOnceError(.transactionConflict, "state key \(IdempotencyKeyText.bounded(readKeys[Int(index) - 1])) changed during the effect")
         default:
             throw ReplyDecoding.unexpected("completion", reply)
         }

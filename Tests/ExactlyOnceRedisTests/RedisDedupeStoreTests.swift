@@ -208,17 +208,17 @@ struct RedisDedupeStoreTests {
         }
     }
 
-    @Test func largeBatchesSplitIntoPipelinedScriptCalls() async throws {
+    @Test func largeBatchesAreOneScriptCall() async throws {
         try await RedisTestServer.with { server in
-            let store = try RedisDedupeStore.testing(server, clock: ManualClock(), maximumClaimsPerScript: 3)
-            let keys = try (0..<10).map { try Self.key("7:\($0)") }
+            let store = try RedisDedupeStore.testing(server, clock: ManualClock())
+            let keys = try (0..<2000).map { try Self.key("7:\($0)") }
             let requests = keys.map { ClaimRequest(key: $0, fingerprint: Self.fpA, lease: .seconds(5)) }
                 + [ClaimRequest(key: keys[0], fingerprint: Self.fpA, lease: .seconds(5))]
             let results = try await store.claim(requests)
-            #expect(results.count == 11)
-            let tokens = results.prefix(10).compactMap { r -> UInt64? in if case .new(let c) = r { c.token.rawValue } else { nil } }
-            #expect(tokens == Array(1...10).map(UInt64.init))
-            #expect(results[10] == .inProgress(leaseExpiresAt: ManualClock().now().advanced(by: .seconds(5))))
+            #expect(results.count == 2001)
+            let tokens = results.prefix(2000).compactMap { r -> UInt64? in if case .new(let c) = r { c.token.rawValue } else { nil } }
+            #expect(tokens == Array(1...2000).map(UInt64.init))
+            #expect(results[2000] == .inProgress(leaseExpiresAt: ManualClock().now().advanced(by: .seconds(5))))
         }
     }
 

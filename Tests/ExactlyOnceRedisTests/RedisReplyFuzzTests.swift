@@ -75,7 +75,14 @@ struct RedisReplyFuzzTests {
                 #expect(results.count == requests.count)
                 for case .new(let c) in results { #expect(c.attempt >= 1) }
             }
-            check { try RedisDedupeStore.decodeCompletion(reply, claim: claim, readKeys: ["a", "b"]) }
+            check {
+                let n = 1 + iteration % 3
+                let batch = try RedisDedupeStore.decodeCompletions(reply, Array(repeating: claim, count: n),
+                                                                   readKeys: Array(repeating: ["a", "b"], count: n))
+                #expect(batch.applied <= n)
+                #expect((batch.failure == nil) == (batch.applied == n))
+            }
+            check { _ = try RedisDedupeStore.decodeStep(reply, claim: claim, readKeys: ["a"]) }
             check { _ = try RedisDedupeStore.decodeState(reply) }
             check {
                 if let r = try RedisDedupeStore.decodeRecord(reply, key: key) {

@@ -137,12 +137,10 @@ extension RedisConfiguration {
 
 extension RedisDedupeStore {
     /// A store on `server` with a unique prefix.
-    static func testing(_ server: RedisTestServer, clock: any WallClock, retention: Duration? = nil,
-                        maximumClaimsPerScript: Int = 512) throws -> RedisDedupeStore {
+    static func testing(_ server: RedisTestServer, clock: any WallClock, retention: Duration? = nil) throws -> RedisDedupeStore {
         var c = RedisDedupeStore.Configuration(redis: server.unixConfiguration)
         c.keyPrefix = "test-\(UInt32.random(in: 0...UInt32.max)):"
         c.retention = retention
-        c.maximumClaimsPerScript = maximumClaimsPerScript
         return try RedisDedupeStore(configuration: c, clock: clock)
     }
 }

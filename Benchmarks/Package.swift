@@ -1,0 +1,20 @@
+// swift-tools-version: 6.1
+// Benchmarks live in a nested package so the library's dependency graph stays small.
+// Run with `make bench` (release mode); the last line printed is one JSON object.
+import PackageDescription
+
+let package = Package(
+    name: "exactly-once-benchmarks",
+    platforms: [.macOS(.v15)],
+    dependencies: [.package(name: "swift-exactly-once", path: "..")],
+    targets: [
+        .executableTarget(
+            name: "bench",
+            dependencies: [
+                .product(name: "ExactlyOnce", package: "swift-exactly-once"),
+                .product(name: "CouponKit", package: "swift-exactly-once"),
+            ],
+            path: "Sources/Bench"
+        )
+    ]
+)

@@ -1,0 +1,76 @@
+import CouponKit
+import ExactlyOnce
+import Logging
+import Synchronization
+
+/// The consumer wrapper (claims, transactional effect, completion, commits) against a bare loop
+/// that polls the same transport and applies the same effect to the same kind of state without
+/// dedupe or commits. Both single-threaded, same records, same run.
+func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 4) async throws -> [String: Double] {
+    let requests = (0..<records).map { i in
+        CouponRequest(requestId: Int64(i), couponId: Int64(i % 64), memberId: Int64(i))
+    }
+    let stock = Dictionary(uniqueKeysWithValues: (0..<64).map { (Int64($0), Int64(records)) })
+
+    func makeTransport() throws -> InMemoryTransport {
+        let t = try InMemoryTransport(topics: ["bench": partitions, "bench.dlq": 1])
+        for r in requests { _ = try t.publishSync(r.outgoing, to: "bench", partitioning: .modulo) }
+        return t
+    }
+
+    // Baseline: poll and apply the effect directly.
+    var bareBest = Double.infinity
+    var consumerBest = Double.infinity
+    for _ in 0..<3 {
+        let t = try makeTransport()
+        let state = Mutex<[String: [UInt8]]>([:])
+        let sub = try await t.subscribe(topic: "bench", group: "bare", memberID: "bare")
+        let start = ContinuousClock.now
+        var seen = 0
+        while seen < records {
+            let batch = try sub.pollSync(maxRecords: 512)
+            for r in batch.records {
+                let (c, m) = try CouponRequest.decode(r.payload)
+                state.withLock { s in
+                    let issuedKey = CouponIssuer.issuedKey(c)
+                    let issued = s[issuedKey].flatMap { Int64(String(decoding: $0, as: UTF8.self)) } ?? 0
+                    guard issued < stock[c]! else { return }
+                    s[issuedKey] = Array(String(issued + 1).utf8)
+                    s[CouponIssuer.serialKey(c, issued + 1)] = Array(String(m).utf8)
+                }
+            }
+            seen += batch.records.count
+        }
+        bareBest = min(bareBest, seconds(ContinuousClock.now - start))
+        precondition(state.withLock { $0.count } == records + 64, "bare loop applied every effect")
+    }
+
+    for _ in 0..<3 {
+        let t = try makeTransport()
+        let store = try InMemoryDedupeStore(configuration: {
+            var c = InMemoryDedupeStore.Configuration()
+            c.capacity = records * 2
+            return c
+        }())
+        var config = ConsumerConfiguration(topic: "bench", group: "eo", memberID: "eo")
+        config.concurrentLanes = false
+        let consumer = try ExactlyOnceConsumer(
+            transport: t, store: store, configuration: config, logger: Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() }),
+            key: CouponRequest.keyExtractor, handler: CouponIssuer(stock: stock).handler)
+        let session = try await consumer.makeSession()
+        let start = ContinuousClock.now
+        while !t.isFullyCommitted(group: "eo", topic: "bench") { try await session.step() }
+        consumerBest = min(consumerBest, seconds(ContinuousClock.now - start))
+        let ledger = try await CouponLedger.read(from: store, coupons: Array(0..<64))
+        precondition(ledger.count == records, "consumer applied every effect once")
+    }
+    return [
+        "bareLoopRecordsPerSecond": Double(records) / bareBest,
+        "consumerRecordsPerSecond": Double(records) / consumerBest,
+        "consumerVsBareLoop": bareBest / consumerBest,
+    ]
+}
+
+func seconds(_ d: Duration) -> Double {
+    Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+}

@@ -1,0 +1,16 @@
+import Foundation
+
+// `make bench`: every figure below is measured in this run; each ratio's baseline ran in this
+// same invocation. The last line is one JSON object.
+var results: [String: Double] = [:]
+@MainActor func report(_ name: String, _ figures: [String: Double]) {
+    for (k, v) in figures.sorted(by: { $0.key < $1.key }) {
+        print("\(name): \(k) = \(String(format: "%.3f", v))")
+        results[k] = v
+    }
+}
+
+report("consumer", try await runConsumerBenchmarks())
+
+let json = results.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\(String(format: "%.3f", $0.value))" }.joined(separator: ",")
+print("{\(json)}")

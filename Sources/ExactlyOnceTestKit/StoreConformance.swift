@@ -1,0 +1,196 @@
+import ExactlyOnce
+
+/// The dedupe-store conformance suite. Every store (in-memory, file, Redis, or yours) must pass
+/// it; it checks the contract written on ``DedupeStore``.
+///
+/// ```swift
+/// @Test func conforms() async throws {
+///     try await StoreConformance.run { clock in try MyStore(clock: clock) }
+/// }
+/// ```
+///
+/// `makeStore` must return an empty store that reads time from the given clock. Each check gets
+/// a fresh store. A failed check throws ``ConformanceFailure`` naming it.
+public enum StoreConformance {
+    /// The names of all checks, in the order they run.
+    public static let checks = [
+        "new-then-in-progress", "complete-then-replay", "negative-outcome-replay", "conflict",
+        "release-keeps-attempts", "lease-expiry-takeover", "zombie-refused", "idempotent-complete",
+        "effects-atomic", "transaction-conflict", "partition-fence", "batch-order", "records", "prefetch-charges-first-grant",
+    ]
+
+    /// Runs every check against fresh stores from `makeStore`.
+    public static func run<S: DedupeStore>(makeStore: (ManualClock) async throws -> S) async throws {
+        for check in checks {
+            let clock = ManualClock()
+            let store = try await makeStore(clock)
+            try await run(check, store: store, clock: clock)
+        }
+    }
+
+    static func key(_ s: String) -> IdempotencyKey { try! IdempotencyKey(parts: ["conformance", s]) }
+    static let fp1 = PayloadFingerprint.of(Array("payload-1".utf8))
+    static let fp2 = PayloadFingerprint.of(Array("payload-2".utf8))
+    static let lease = Duration.seconds(10)
+
+    static func claimNew(_ store: some DedupeStore, _ k: IdempotencyKey, fp: PayloadFingerprint = fp1,
+                         fence: PartitionFence? = nil, check: String) async throws -> Claim {
+        let r = try await store.claim(ClaimRequest(key: k, fingerprint: fp, lease: lease, fence: fence))
+        guard case .new(let c) = r else { throw ConformanceFailure(check: check, detail: "expected .new for \(k), got \(r)") }
+        return c
+    }
+
+    // swiftlint:disable:next cyclomatic_complexity function_body_length
+    static func run<S: DedupeStore>(_ check: String, store: S, clock: ManualClock) async throws {
+        switch check {
+        case "new-then-in-progress":
+            let c = try await claimNew(store, key("a"), check: check)
+            try require(c.attempt == 1, check, "first attempt should be 1, got \(c.attempt)")
+            let again = try await store.claim(ClaimRequest(key: key("a"), fingerprint: fp1, lease: lease))
+            guard case .inProgress = again else { throw ConformanceFailure(check: check, detail: "second claim under a live lease gave \(again)") }
+
+        case "complete-then-replay":
+            let c = try await claimNew(store, key("a"), check: check)
+            try await store.complete(Completion(claim: c, outcome: .applied("serial-7")))
+            let again = try await store.claim(ClaimRequest(key: key("a"), fingerprint: fp1, lease: lease))
+            try require(again == .completed(.applied("serial-7")), check, "duplicate should get the stored outcome, got \(again)")
+
+        case "negative-outcome-replay":
+            let c = try await claimNew(store, key("a"), check: check)
+            try await store.complete(Completion(claim: c, outcome: .rejected("sold out")))
+            let again = try await store.claim(ClaimRequest(key: key("a"), fingerprint: fp1, lease: lease))
+            try require(again == .completed(.rejected("sold out")), check, "negative outcome must be replayed, got \(again)")
+
+        case "conflict":
+            _ = try await claimNew(store, key("a"), check: check)
+            let whileInProgress = try await store.claim(ClaimRequest(key: key("a"), fingerprint: fp2, lease: lease))
+            try require(whileInProgress == .conflict(stored: fp1, outcome: nil), check, "other payload while in progress gave \(whileInProgress)")
+            let c = try await claimNew(store, key("b"), check: check)
+            try await store.complete(Completion(claim: c, outcome: .applied("x")))
+            let afterDone = try await store.claim(ClaimRequest(key: key("b"), fingerprint: fp2, lease: lease))
+            try require(afterDone == .conflict(stored: fp1, outcome: .applied("x")), check, "other payload after completion gave \(afterDone)")
+
+        case "release-keeps-attempts":
+            let c1 = try await claimNew(store, key("a"), check: check)
+            try await store.release(c1, reason: "boom")
+            let c2 = try await claimNew(store, key("a"), check: check)
+            try require(c2.attempt == 2, check, "attempt after release should be 2, got \(c2.attempt)")
+            try require(c2.token > c1.token, check, "token must grow: \(c1.token) then \(c2.token)")
+            let rec = try await store.records(for: [key("a")])[key("a")]
+            try require(rec?.attempts == 2 && rec?.phase == .inProgress, check, "record should show 2 attempts in progress, got \(String(describing: rec))")
+
+        case "lease-expiry-takeover":
+            let c1 = try await claimNew(store, key("a"), check: check)
+            clock.advance(by: .seconds(11))
+            let c2 = try await claimNew(store, key("a"), check: check)
+            try require(c2.token > c1.token && c2.attempt == 2, check, "takeover after lease expiry should give a newer token and attempt 2")
+
+        case "zombie-refused":
+            let c1 = try await claimNew(store, key("a"), check: check)
+            clock.advance(by: .seconds(11))
+            try await requireThrows("fenced", check) { try await store.complete(Completion(claim: c1, outcome: .applied())) }
+            let c2 = try await claimNew(store, key("a"), check: check)
+            try await requireThrows("fenced", check) {
+                try await store.complete(Completion(claim: c1, outcome: .applied(), effects: EffectWrites(reads: [:], writes: ["zombie": [1]])))
+            }
+            let z = try await store.readState(["zombie"])["zombie"]
+            try require(z?.value == nil, check, "a refused completion must write nothing")
+            try await store.complete(Completion(claim: c2, outcome: .applied("owner")))
+            try await requireThrows("fenced", check) { try await store.release(c1, reason: "late") }
+
+        case "idempotent-complete":
+            let c = try await claimNew(store, key("a"), check: check)
+            let fx = EffectWrites(reads: ["n": 0], writes: ["n": Array("1".utf8)])
+            try await store.complete(Completion(claim: c, outcome: .applied(), effects: fx))
+            try await store.complete(Completion(claim: c, outcome: .applied(), effects: fx))
+            let n = try await store.readState(["n"])["n"]
+            try require(n?.version == 1, check, "a repeated completion must not apply its effect twice (version \(String(describing: n?.version)))")
+
+        case "effects-atomic":
+            let c = try await claimNew(store, key("a"), check: check)
+            let before = try await store.readState(["stock", "ledger"])
+            try require(before["stock"]?.version == 0 && before["stock"]?.value == nil, check, "absent key should read nil at version 0")
+            let fx = EffectWrites(reads: ["stock": 0], writes: ["stock": Array("9".utf8), "ledger": Array("m1".utf8)])
+            try await store.complete(Completion(claim: c, outcome: .applied(), effects: fx))
+            let after = try await store.readState(["stock", "ledger"])
+            try require(after["stock"]?.value == Array("9".utf8) && after["stock"]?.version == 1, check, "stock write not visible")
+            try require(after["ledger"]?.value == Array("m1".utf8), check, "ledger write not visible")
+
+        case "transaction-conflict":
+            let c1 = try await claimNew(store, key("a"), check: check)
+            let c2 = try await claimNew(store, key("b"), check: check)
+            try await store.complete(Completion(claim: c1, outcome: .applied(), effects: EffectWrites(reads: ["s": 0], writes: ["s": [1]])))
+            try await requireThrows("transactionConflict", check) {
+                try await store.complete(Completion(claim: c2, outcome: .applied(), effects: EffectWrites(reads: ["s": 0], writes: ["s": [2]])))
+            }
+            let s = try await store.readState(["s"])["s"]
+            try require(s?.value == [1], check, "conflicting transaction must not write")
+            let r = try await store.claim(ClaimRequest(key: key("b"), fingerprint: fp1, lease: lease))
+            guard case .inProgress = r else { throw ConformanceFailure(check: check, detail: "claim stays held after a conflict, got \(r)") }
+
+        case "partition-fence":
+            let f1 = PartitionFence(scope: "g/t/0", epoch: 1)
+            let f2 = PartitionFence(scope: "g/t/0", epoch: 2)
+            let old = try await claimNew(store, key("a"), fence: f1, check: check)
+            // A newer owner takes over an in-progress key at once, without waiting for the lease.
+            let new = try await claimNew(store, key("a"), fence: f2, check: check)
+            try require(new.token > old.token, check, "takeover must give a newer token")
+            try await requireThrows("fenced", check) { try await store.complete(Completion(claim: old, outcome: .applied())) }
+            // Once epoch 2 was seen, epoch 1 may not claim even untouched keys.
+            try await requireThrows("fenced", check) {
+                _ = try await store.claim([ClaimRequest(key: key("b"), fingerprint: fp1, lease: lease, fence: f1)])
+            }
+            // Other scopes are independent.
+            _ = try await claimNew(store, key("c"), fence: PartitionFence(scope: "g/t/1", epoch: 1), check: check)
+            try await store.complete(Completion(claim: new, outcome: .applied()))
+
+        case "batch-order":
+            let done = try await claimNew(store, key("done"), check: check)
+            try await store.complete(Completion(claim: done, outcome: .applied("d")))
+            _ = try await claimNew(store, key("busy"), check: check)
+            let results = try await store.claim([
+                ClaimRequest(key: key("fresh"), fingerprint: fp1, lease: lease),
+                ClaimRequest(key: key("done"), fingerprint: fp1, lease: lease),
+                ClaimRequest(key: key("busy"), fingerprint: fp1, lease: lease),
+                ClaimRequest(key: key("done"), fingerprint: fp2, lease: lease),
+            ])
+            try require(results.count == 4, check, "one result per request, got \(results.count)")
+            guard case .new = results[0], case .completed(.applied("d")) = results[1], case .inProgress = results[2],
+                  case .conflict = results[3]
+            else { throw ConformanceFailure(check: check, detail: "batch answers out of order: \(results)") }
+
+        case "records":
+            let c = try await claimNew(store, key("a"), check: check)
+            try await store.complete(Completion(claim: c, outcome: .rejected("no")))
+            let recs = try await store.records(for: [key("a"), key("absent")])
+            try require(recs.count == 1, check, "absent keys are left out")
+            try require(recs[key("a")]?.phase == .completed && recs[key("a")]?.outcome == .rejected("no") && recs[key("a")]?.fingerprint == fp1,
+                        check, "record should be completed with its outcome and fingerprint")
+
+        case "prefetch-charges-first-grant":
+            // A batch claimed ahead: only the first record granted `.new` is charged an attempt.
+            let done = try await claimNew(store, key("done"), check: check)
+            try await store.complete(Completion(claim: done, outcome: .applied()))
+            let batch = ["done", "p1", "p2", "p3"].map { ClaimRequest(key: key($0), fingerprint: fp1, lease: lease, prefetch: true) }
+            let first = try await store.claim(batch)
+            guard case .completed = first[0], case .new(let c1) = first[1], case .new(let c2) = first[2] else {
+                throw ConformanceFailure(check: check, detail: "unexpected answers \(first)")
+            }
+            try require(c1.attempt == 1 && c2.attempt == 1, check, "both are first attempts from the caller's view")
+            // The holder crashes; its lease lapses; the batch is claimed again, twice.
+            for round in 2...3 {
+                clock.advance(by: .seconds(11))
+                let again = try await store.claim(batch)
+                guard case .new(let h) = again[1], case .new(let b) = again[2] else { throw ConformanceFailure(check: check, detail: "round \(round): \(again)") }
+                try require(h.attempt == round, check, "the head of the batch is charged each time (attempt \(h.attempt), expected \(round))")
+                try require(b.attempt == 1, check, "records behind the head are not charged for crashes they did not cause (attempt \(b.attempt))")
+            }
+            let recs = try await store.records(for: [key("p1"), key("p2"), key("p3")])
+            try require(recs[key("p1")]?.attempts == 3 && recs[key("p2")]?.attempts == 0 && recs[key("p3")]?.attempts == 0, check,
+                        "stored attempts: \(recs.mapValues(\.attempts))")
+
+        default:
+            throw ConformanceFailure(check: check, detail: "unknown check")
+        }
+    }
+}

@@ -1,0 +1,88 @@
+import Foundation
+import Testing
+
+/// Runs the built `coupon-demo` binary end to end (it sits next to the test bundle).
+@Suite struct CouponDemoTests {
+    static var binary: URL {
+        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("coupon-demo").path) && dir.path != "/" {
+            dir = dir.deletingLastPathComponent()
+        }
+        return dir.appendingPathComponent("coupon-demo")
+    }
+
+    static func run(_ args: [String], stdin: String? = nil) throws -> (status: Int32, out: String, err: String) {
+        let p = Process()
+        p.executableURL = binary
+        p.arguments = args
+        let out = Pipe(), err = Pipe(), input = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        p.standardInput = input
+        try p.run()
+        if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
+        try input.fileHandleForWriting.close()
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    }
+
+    @Test func jsonRunWithCrashesAuditsCleanAndItsFilesAgree() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("demo-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ledger = dir.appendingPathComponent("ledger.jsonl").path
+        let requests = dir.appendingPathComponent("requests.jsonl").path
+        let r = try Self.run(["--json", "--requests", "3000", "--coupons", "4", "--stock", "25", "--members", "400",
+                              "--crash-rate", "0.01", "--seed", "7", "--ledger", ledger, "--requests-out", requests])
+        #expect(r.status == 0, "\(r.err)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+        for field in ["requests", "issued", "soldOut", "duplicatesSuppressed", "redelivered", "crashes", "overIssued",
+                      "doubleIssued", "lost", "elapsedSeconds", "recordsPerSecond"] {
+            #expect(json[field] != nil, "missing field \(field)")
+        }
+        #expect(json["overIssued"] as? Int == 0 && json["doubleIssued"] as? Int == 0 && json["lost"] as? Int == 0)
+        #expect((json["crashes"] as? Int ?? 0) > 0, "crashes were injected")
+
+        // Audit the files independently of the demo's own audit.
+        struct Req: Decodable { var requestId: Int64; var couponId: Int64; var memberId: Int64 }
+        struct Issued: Decodable { var couponId: Int64; var memberId: Int64; var serial: Int64 }
+        let reqs = try String(contentsOfFile: requests, encoding: .utf8).split(separator: "\n").map { try JSONDecoder().decode(Req.self, from: Data($0.utf8)) }
+        let issued = try String(contentsOfFile: ledger, encoding: .utf8).split(separator: "\n").map { try JSONDecoder().decode(Issued.self, from: Data($0.utf8)) }
+        #expect(reqs.count == 3000)
+        var expected: [Int64: [Int64]] = [:]
+        for q in reqs where !(expected[q.couponId] ?? []).contains(q.memberId) && (expected[q.couponId]?.count ?? 0) < 25 {
+            expected[q.couponId, default: []].append(q.memberId)
+        }
+        var actual: [Int64: [Int64]] = [:]
+        for i in issued.sorted(by: { ($0.couponId, $0.serial) < ($1.couponId, $1.serial) }) { actual[i.couponId, default: []].append(i.memberId) }
+        #expect(actual == expected, "the ledger's winners, in serial order, are the first 25 distinct members of each coupon in publish order")
+        #expect(json["issued"] as? Int == issued.count)
+
+        // The same seed publishes the same requests.
+        let again = dir.appendingPathComponent("again.jsonl").path
+        let r2 = try Self.run(["--json", "--requests", "3000", "--coupons", "4", "--stock", "25", "--members", "400",
+                               "--crash-rate", "0", "--seed", "7", "--requests-out", again])
+        #expect(r2.status == 0)
+        #expect(try String(contentsOfFile: again, encoding: .utf8) == String(contentsOfFile: requests, encoding: .utf8))
+    }
+
+    @Test func badFlagsGetAClearErrorAndExitCode2() throws {
+        for args in [["--requests", "many"], ["--crash-rate", "2"], ["--partitions", "0"], ["--bogus"], ["--store", "file"], ["--transport", "kafka"]] {
+            let r = try Self.run(args)
+            #expect(r.status == 2, "\(args)")
+            #expect(r.err.contains("coupon-demo:"), "\(args): \(r.err)")
+        }
+    }
+
+    @Test func partitionSubcommandMapsKeysAndReportsBadLines() throws {
+        let m = try Self.run(["partition", "--partitioner", "murmur2", "--partitions", "12"], stdin: "kafka\n21\n")
+        // kafka: 0xd067cf64 & 0x7fffffff = 1348980580, % 12 = 4. "21": -973932308 & 0x7fffffff = 1173551340, % 12 = 0.
+        #expect(m.out == "kafka\t4\n21\t0\n")
+        let mod = try Self.run(["partition", "--partitioner", "modulo", "--partitions", "3"], stdin: "10\n-1\n11\n")
+        #expect(mod.out == "10\t1\n11\t2\n")
+        #expect(mod.err.contains("non-negative"))
+        #expect(mod.status == 1)
+    }
+}

@@ -13,6 +13,7 @@ let package = Package(
             dependencies: [
                 .product(name: "ExactlyOnce", package: "swift-exactly-once"),
                 .product(name: "CouponKit", package: "swift-exactly-once"),
+                .product(name: "ExactlyOnceRedis", package: "swift-exactly-once"),
             ],
             path: "Sources/Bench"
         )

@@ -11,6 +11,7 @@ var results: [String: Double] = [:]
 }
 
 report("consumer", try await runConsumerBenchmarks())
+report("redis", try await runRedisBenchmarks())
 
 let json = results.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\(String(format: "%.3f", $0.value))" }.joined(separator: ",")
 print("{\(json)}")

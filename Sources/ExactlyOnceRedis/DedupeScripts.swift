@@ -55,6 +55,8 @@ enum DedupeScripts {
     end
     local out = {}
     local granted = false
+    local counterBefore = tonumber(redis.call('GET', KEYS[1]) or '0')
+    local counter = counterBefore
     for i = 1, n do
       local b = 1 + (i - 1) * 6
       local rk = KEYS[2 + i]
@@ -66,7 +68,7 @@ enum DedupeScripts {
       local take = true
       if r[1] then
         if r[2] == '3' and r[7] and r[7] ~= '' and now >= tonumber(r[7]) then
-          redis.call('DEL', rk)
+          attempts = 0 -- retention ended: forget it and start afresh
         elseif r[1] ~= fp then
           if r[2] == '3' then out[i] = {'C', r[1], '1', r[5] or '0', r[6] or ''} else out[i] = {'C', r[1], '0', '', ''} end
           take = false
@@ -89,22 +91,25 @@ enum DedupeScripts {
         end
       end
       if take then
-        local tok = redis.call('INCR', KEYS[1])
+        -- Old fields (outcome, failure, fence, TTL) must not leak into the new claim.
+        if r[1] then redis.call('DEL', rk) end
         local charged = not (ARGV[b + 6] == '1' and granted) and not sameOwner
         granted = true
         local stored = attempts
         if charged then stored = attempts + 1 end
-        redis.call('DEL', rk)
-        if fenced then
-          redis.call('HSET', rk, 'fp', fp, 'ph', '1', 'at', stored, 'tok', tok, 'le', ARGV[b + 2], 'fs', ARGV[b + 4], 'fe', ARGV[b + 5])
-        else
-          redis.call('HSET', rk, 'fp', fp, 'ph', '1', 'at', stored, 'tok', tok, 'le', ARGV[b + 2])
-        end
         local attempt = attempts + 1
         if sameOwner then attempt = math.max(1, attempts) end
-        out[i] = {'N', tok, attempt}
+        counter = counter + 1
+        if fenced then
+          redis.call('HSET', rk, 'fp', fp, 'ph', '1', 'at', stored, 'tok', counter, 'le', ARGV[b + 2], 'fs', ARGV[b + 4], 'fe', ARGV[b + 5])
+        else
+          redis.call('HSET', rk, 'fp', fp, 'ph', '1', 'at', stored, 'tok', counter, 'le', ARGV[b + 2])
+        end
+        out[i] = {'N', counter, attempt}
       end
     end
+    -- One read and one write of the token counter per batch (as if INCR per new claim).
+    if counter ~= counterBefore then redis.call('SET', KEYS[1], counter) end
     return out
     """)
 

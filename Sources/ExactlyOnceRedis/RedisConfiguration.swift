@@ -3,7 +3,7 @@ import ExactlyOnce
 /// How to reach one Redis server, and how to behave when it cannot be reached.
 ///
 /// The ``password`` never appears in ``description``, in errors or in logs.
-public struct RedisConfiguration: Sendable, CustomStringConvertible {
+public struct RedisConfiguration: Sendable, CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
     /// Where the server listens.
     public struct Endpoint: Sendable, Hashable, CustomStringConvertible {
         enum Kind: Sendable, Hashable {
@@ -161,6 +161,18 @@ public struct RedisConfiguration: Sendable, CustomStringConvertible {
         if let username { s += ", user \(username)" }
         if password != nil { s += ", password ***" }
         return s + ")"
+    }
+
+    /// Same as ``description``: the password shows only as `***`.
+    public var debugDescription: String { description }
+
+    /// A mirror without the password, so `dump` and reflection-based printing cannot leak it.
+    public var customMirror: Mirror {
+        Mirror(self, children: [
+            "endpoint": endpoint, "username": username as Any, "password": password == nil ? "nil" : "***",
+            "database": database, "connectTimeout": connectTimeout, "commandTimeout": commandTimeout,
+            "poolSize": poolSize, "connectAttempts": connectAttempts,
+        ], displayStyle: .struct)
     }
 }
 

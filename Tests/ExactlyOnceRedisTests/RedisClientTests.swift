@@ -51,6 +51,16 @@ struct RedisConfigurationTests {
         #expect(!c.description.contains(secret))
         #expect(c.description.contains("***"))
         #expect(!String(describing: c).contains(secret))
+        #expect(!String(reflecting: c).contains(secret))
+        var dumped = ""
+        dump(c, to: &dumped)
+        #expect(!dumped.contains(secret))
+        let storeConfiguration = RedisDedupeStore.Configuration(redis: c)
+        #expect(!String(describing: storeConfiguration).contains(secret))
+        #expect(!String(reflecting: storeConfiguration).contains(secret))
+        var dumpedStore = ""
+        dump(storeConfiguration, to: &dumpedStore)
+        #expect(!dumpedStore.contains(secret))
         do {
             _ = try RedisConfiguration(url: "redis://bob:\(secret)@h:99999")
             Issue.record("expected an error")

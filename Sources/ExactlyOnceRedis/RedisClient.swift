@@ -90,6 +90,19 @@ private final class Slot: @unchecked Sendable {
     }
 
     private func withConnection<R>(_ body: (RedisConnection) throws -> R) throws -> R {
+        do {
+            return try attempt(body)
+        } catch is RedisConnection.NotSent {
+            // Nothing reached the server: one resend on a fresh connection is safe.
+            do {
+                return try attempt(body)
+            } catch is RedisConnection.NotSent {
+                throw ExactlyOnceError(.storeUnavailable, "Redis connection failed while sending")
+            }
+        }
+    }
+
+    private func attempt<R>(_ body: (RedisConnection) throws -> R) throws -> R {
         let c = try connected()
         do {
             return try body(c)

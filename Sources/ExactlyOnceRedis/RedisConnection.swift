@@ -16,6 +16,10 @@ final class RedisConnection {
     /// Whether a command failed at the I/O level; the connection must not be used again.
     private(set) var isBroken = false
 
+    /// The connection broke before any byte of the pipeline reached the server (the typical
+    /// case of a connection left over from before a server restart): resending is safe.
+    struct NotSent: Error {}
+
     private init(context: UnsafeMutablePointer<redisContext>) { self.context = context }
 
     deinit { redisFree(context) }
@@ -47,22 +51,26 @@ final class RedisConnection {
             // Only for TCP: on a unix socket hiredis marks the context as failed.
             _ = redisEnableKeepAlive(raw)
         }
-        if let password = configuration.password {
-            var argv: [[UInt8]] = [Array("AUTH".utf8)]
-            if let user = configuration.username { argv.append(Array(user.utf8)) }
-            argv.append(Array(password.utf8))
-            // The reply to AUTH is checked by kind only: its text is not repeated, and the
-            // arguments (the password) are never part of any message.
-            let reply = try connection.command(argv)
-            guard case .status = reply else {
-                throw ExactlyOnceError(.storeUnavailable, "Redis refused authentication at \(configuration.endpoint)")
+        do {
+            if let password = configuration.password {
+                var argv: [[UInt8]] = [Array("AUTH".utf8)]
+                if let user = configuration.username { argv.append(Array(user.utf8)) }
+                argv.append(Array(password.utf8))
+                // The reply to AUTH is checked by kind only: its text is not repeated, and the
+                // arguments (the password) are never part of any message.
+                let reply = try connection.command(argv)
+                guard case .status = reply else {
+                    throw ExactlyOnceError(.storeUnavailable, "Redis refused authentication at \(configuration.endpoint)")
+                }
             }
-        }
-        if configuration.database != 0 {
-            let reply = try connection.command([Array("SELECT".utf8), Array(String(configuration.database).utf8)])
-            guard case .status = reply else {
-                throw ReplyDecoding.unexpected("SELECT \(configuration.database)", reply)
+            if configuration.database != 0 {
+                let reply = try connection.command([Array("SELECT".utf8), Array(String(configuration.database).utf8)])
+                guard case .status = reply else {
+                    throw ReplyDecoding.unexpected("SELECT \(configuration.database)", reply)
+                }
             }
+        } catch is NotSent {
+            throw ExactlyOnceError(.storeUnavailable, "Redis at \(configuration.endpoint) closed the connection during the handshake")
         }
         return connection
     }
@@ -85,6 +93,18 @@ final class RedisConnection {
         guard !isBroken else { throw ExactlyOnceError(.storeUnavailable, "Redis connection is broken") }
         for argv in commands {
             try append(argv)
+        }
+        // Flush the output buffer ourselves: a failure of the very first write means the server
+        // received nothing, so the caller may safely resend on a fresh connection.
+        var done: Int32 = 0
+        var firstWrite = true
+        while done == 0 {
+            guard redisBufferWrite(context, &done) == REDIS_OK else {
+                isBroken = true
+                if firstWrite { throw NotSent() }
+                throw ExactlyOnceError(.storeUnavailable, "Redis connection failed while sending: \(errorString)")
+            }
+            firstWrite = false
         }
         var replies: [RedisReply] = []
         replies.reserveCapacity(commands.count)

@@ -390,10 +390,9 @@ public final class RedisDedupeStore: DedupeStore {
         }
     }
 
+    /// `d` in whole milliseconds, saturating (the core's `Timestamp` arithmetic).
     static func milliseconds(_ d: Duration) -> Int64 {
-        let (s, atto) = d.components
-        let ms = s.multipliedReportingOverflow(by: 1000)
-        return ms.overflow ? .max : ms.partialValue.addingReportingOverflow(atto / 1_000_000_000_000_000).partialValue
+        Timestamp(milliseconds: 0).advanced(by: d).milliseconds
     }
 
     private static func globEscape(_ s: String) -> String {

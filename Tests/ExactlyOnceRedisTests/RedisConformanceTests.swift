@@ -24,7 +24,7 @@ struct RedisConformanceTests {
             memoryConfiguration.retention = retention
             let reference = try InMemoryDedupeStore(configuration: memoryConfiguration, clock: clock)
             let redis = try RedisDedupeStore.testing(server, clock: clock, retention: retention)
-            var rng = SplitMix64(seed: seed)
+            var rng = SeededRandom(seed: seed)
             let keys = try (0..<6).map { try IdempotencyKey(parts: ["diff", "\($0)"]) }
             let fingerprints = [PayloadFingerprint.of([1]), PayloadFingerprint.of([2])]
             let stateKeys = ["stock", "ledger", "other"]

@@ -66,11 +66,12 @@ public final class RedisDedupeStore: DedupeStore {
     /// Creates a store for `url` (see ``RedisConfiguration/init(url:)``) with `keyPrefix`.
     /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration``.
     public convenience init(url: String, keyPrefix: String = "exactly-once:", retention: Duration? = nil,
-                            clock: any WallClock = SystemWallClock()) throws {
+                            clock: any WallClock = SystemWallClock(),
+                            logger: Logger = Logger(label: "exactly-once.redis", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         var c = Configuration(redis: try RedisConfiguration(url: url))
         c.keyPrefix = keyPrefix
         c.retention = retention
-        try self.init(configuration: c, clock: clock)
+        try self.init(configuration: c, clock: clock, logger: logger)
     }
 
     func recordKey(_ key: IdempotencyKey) -> [UInt8] { Array((configuration.keyPrefix + "r:" + key.rawValue).utf8) }

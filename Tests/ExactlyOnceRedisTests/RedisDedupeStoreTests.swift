@@ -249,6 +249,19 @@ struct RedisDedupeStoreTests {
         }
     }
 
+    @Test func storeFromURL() async throws {
+        try await RedisTestServer.with { server in
+            let store = try RedisDedupeStore(url: "unix://\(server.socketPath)?db=2", keyPrefix: "url:", clock: ManualClock())
+            let k = try Self.key("13:1")
+            #expect(try await store.claim(ClaimRequest(key: k, fingerprint: Self.fpA, lease: .seconds(5))).isNew)
+            var db2 = server.unixConfiguration
+            db2.database = 2
+            let client = try RedisClient(configuration: db2, logger: Logger(label: "test"))
+            #expect(try await client.command([Array("EXISTS".utf8), store.recordKey(k)]) == .integer(1))
+            #expect(try await client.command("EXISTS", "url:token") == .integer(1))
+        }
+    }
+
     @Test func prefixesIsolateTenants() async throws {
         try await RedisTestServer.with { server in
             let a = try RedisDedupeStore.testing(server, clock: ManualClock())

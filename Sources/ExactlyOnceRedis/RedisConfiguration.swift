@@ -15,6 +15,7 @@ public struct RedisConfiguration: Sendable, CustomStringConvertible, CustomDebug
         public static func tcp(host: String, port: Int = 6379) -> Endpoint { Endpoint(kind: .tcp(host: host, port: port)) }
         /// A unix domain socket.
         public static func unix(path: String) -> Endpoint { Endpoint(kind: .unix(path: path)) }
+        /// `host:port` or `unix:path`.
         public var description: String {
             switch kind {
             case .tcp(let host, let port): "\(host):\(port)"

@@ -79,6 +79,7 @@ public final class RedisDedupeStore: DedupeStore {
 
     // MARK: - Operations
 
+    /// Claims keys in one script call, answering each request in order (see ``DedupeStore``).
     public func claim(_ requests: [ClaimRequest]) async throws -> [ClaimResult] {
         if requests.isEmpty { return [] }
         let now = clock.now()
@@ -99,6 +100,7 @@ public final class RedisDedupeStore: DedupeStore {
         return try Self.decodeClaims(reply, requests: requests, now: now)
     }
 
+    /// Completes a claim and applies its effect writes in one script call (G3).
     public func complete(_ completion: Completion) async throws {
         let result = try await completeInOrder([completion])
         if let failure = result.failure { throw failure }
@@ -156,6 +158,7 @@ public final class RedisDedupeStore: DedupeStore {
         return try Self.decodeCompletions(reply, completions.map(\.claim), readKeys: readKeys)
     }
 
+    /// Releases a claim after a failed attempt; the attempt count is kept.
     public func release(_ claim: Claim, reason: String) async throws {
         let now = clock.now()
         var args: [[UInt8]] = [Self.decimal(now.milliseconds), Self.decimal(claim.token.rawValue)]
@@ -165,6 +168,7 @@ public final class RedisDedupeStore: DedupeStore {
         if let failure = try Self.decodeStep(reply, claim: claim, readKeys: []) { throw failure }
     }
 
+    /// Reads transactional state with versions, in one pipelined round trip.
     public func readState(_ keys: [String]) async throws -> [String: VersionedValue] {
         let unique = Array(Set(keys))
         let commands = unique.map { [Array("HMGET".utf8), stateKey($0), Array("v".utf8), Array("ver".utf8)] }
@@ -176,6 +180,7 @@ public final class RedisDedupeStore: DedupeStore {
         return out
     }
 
+    /// The records of `keys` (absent keys are left out), in one pipelined round trip.
     public func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord] {
         let unique = Array(Set(keys))
         let commands = unique.map { key in

@@ -52,7 +52,7 @@ let package = Package(
         .testTarget(
             name: "ExactlyOnceRedisTests",
             dependencies: [
-                "ExactlyOnceRedis", "ExactlyOnce", "ExactlyOnceTestKit",
+                "ExactlyOnceRedis", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

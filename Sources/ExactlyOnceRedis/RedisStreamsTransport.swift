@@ -98,6 +98,25 @@ public final class RedisStreamsTransport: MessageTransport {
         return RecordPosition(partition: p, offset: Offset(offset))
     }
 
+    /// Whether `group` has committed every partition of `topic` to its end (no lag), for
+    /// operations and tests. Reads Redis only; does not join the group.
+    public func isFullyCommitted(group: String, topic: String) async throws -> Bool {
+        let count = try await partitionCount(of: topic)
+        let committedKey = Array("\(configuration.keyPrefix)g:\(group):\(topic):committed".utf8)
+        var commands: [[[UInt8]]] = []
+        for p in 0..<count {
+            commands.append([Array("GET".utf8), topicKey(topic, "\(p):seq")])
+            commands.append([Array("HGET".utf8), committedKey, Array(String(p).utf8)])
+        }
+        let replies = try await client.pipeline(commands)
+        for p in 0..<count {
+            let end = replies[2 * p] == .null ? 0 : try ReplyDecoding.int64(replies[2 * p], "end offset")
+            let committed = replies[2 * p + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * p + 1], "committed offset")
+            if committed < end { return false }
+        }
+        return true
+    }
+
     /// Joins `group` on `topic` as `memberID` (the group rebalances at once).
     public func subscribe(topic: String, group: String, memberID: String) async throws -> RedisStreamsSubscription {
         let count = try await partitionCount(of: topic)

@@ -119,7 +119,8 @@ public final class RedisDedupeStore: DedupeStore {
         var args: [[UInt8]] = [Self.decimal(now.milliseconds)]
         let retentionEnd: [UInt8]
         if let retention = configuration.retention {
-            args.append(Self.decimal(max(1, Self.milliseconds(retention))))
+            // PEXPIRE refuses TTLs that overflow the server's clock: cap at about 30,000 years.
+            args.append(Self.decimal(min(max(1, Self.milliseconds(retention)), 1_000_000_000_000_000)))
             retentionEnd = Self.decimal(now.advanced(by: retention).milliseconds)
         } else {
             args.append([])

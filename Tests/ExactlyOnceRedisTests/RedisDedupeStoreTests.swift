@@ -209,6 +209,19 @@ struct RedisDedupeStoreTests {
         }
     }
 
+    @Test func hugeRetentionIsCapped() async throws {
+        try await RedisTestServer.with { server in
+            let store = try RedisDedupeStore.testing(server, clock: ManualClock(), retention: .seconds(Int64.max))
+            let k = try Self.key("14:1")
+            guard case .new(let c) = try await store.claim(ClaimRequest(key: k, fingerprint: Self.fpA, lease: .seconds(5))) else {
+                Issue.record("expected new")
+                return
+            }
+            try await store.complete(Completion(claim: c, outcome: .applied()))
+            #expect(try await store.records(for: [k])[k]?.phase == .completed)
+        }
+    }
+
     @Test func largeBatchesAreOneScriptCall() async throws {
         try await RedisTestServer.with { server in
             let store = try RedisDedupeStore.testing(server, clock: ManualClock())

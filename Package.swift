@@ -37,7 +37,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "CouponDemo",
-            dependencies: ["CouponKit", "ExactlyOnce", "ExactlyOnceTestKit"],
+            dependencies: ["CouponKit", "ExactlyOnce", "ExactlyOnceRedis", "ExactlyOnceTestKit"],
             path: "Examples/CouponDemo"
         ),
         .systemLibrary(

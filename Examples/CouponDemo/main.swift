@@ -1,5 +1,6 @@
 import CouponKit
 import ExactlyOnce
+import ExactlyOnceRedis
 import ExactlyOnceTestKit
 import Foundation
 import Logging
@@ -19,13 +20,17 @@ let usage = """
       --members M          distinct members clicking [5000]
       --duplicate-rate R   share of clicks that repeat an earlier one (double clicks, producer retries) [0.2]
       --partitions P       topic partitions [3]
-      --consumers K        consumer group members [3]
+      --consumers K        consumer group members [3; 1 with --role consume]
       --crash-rate X       chance of a consumer crash at each failure point reached [0.002]
       --seed K             seed of the generated requests and crashes [42]
       --store memory|file|redis              dedupe store [memory]
       --transport memory|redis-streams       transport [memory]
-      --redis-url URL      redis://host:port or unix:///path (with --store redis)
+      --redis-url URL      redis://[user:password@]host:port[/db] or unix:///path [redis://127.0.0.1:6379]
       --data-dir D         directory of the file store (with --store file)
+      --role R             all | publish | consume | audit [all]: run one side of the sale in this
+                           process (with --transport redis-streams: processes share the sale by seed)
+      --member-id NAME     consumer member id with --role consume [issuer-<pid>]
+      --session-timeout S  seconds a silent member keeps its partitions (redis-streams) [10]
       --ledger PATH        write issued coupons read back from the store (JSON lines)
       --requests-out PATH  write the published requests in publish order (JSON lines)
       --json               print one JSON object instead of the summary
@@ -38,13 +43,16 @@ struct Options {
     var members = 5_000
     var duplicateRate = 0.2
     var partitions = 3
-    var consumers = 3
+    var consumers: Int?
     var crashRate = 0.002
     var seed: UInt64 = 42
     var store = "memory"
     var transport = "memory"
     var redisURL: String?
     var dataDir: String?
+    var role = "all"
+    var memberID: String?
+    var sessionTimeout = 10
     var ledger: String?
     var requestsOut: String?
     var json = false
@@ -89,6 +97,9 @@ func parseOptions(_ args: [String]) throws -> Options {
         case "--transport": o.transport = try value(a)
         case "--redis-url": o.redisURL = try value(a)
         case "--data-dir": o.dataDir = try value(a)
+        case "--role": o.role = try value(a)
+        case "--member-id": o.memberID = try value(a)
+        case "--session-timeout": o.sessionTimeout = try int(a, 1...3600)
         case "--ledger": o.ledger = try value(a)
         case "--requests-out": o.requestsOut = try value(a)
         case "--json": o.json = true
@@ -99,10 +110,18 @@ func parseOptions(_ args: [String]) throws -> Options {
     }
     guard ["memory", "file", "redis"].contains(o.store) else { throw UsageError(description: "--store must be memory, file or redis, got '\(o.store)'") }
     guard ["memory", "redis-streams"].contains(o.transport) else { throw UsageError(description: "--transport must be memory or redis-streams, got '\(o.transport)'") }
+    guard ["all", "publish", "consume", "audit"].contains(o.role) else { throw UsageError(description: "--role must be all, publish, consume or audit, got '\(o.role)'") }
     if o.store == "file" { throw UsageError(description: "--store file is not available in this build yet: the file store arrives with its own issue (#3). Use --store memory.") }
-    if o.store == "redis" || o.transport == "redis-streams" {
-        throw UsageError(description: "--store redis and --transport redis-streams are not available in this build yet: they arrive with the Redis issue (#4). Use the defaults.")
+    if o.transport == "redis-streams" && o.store == "memory" {
+        throw UsageError(description: "--transport redis-streams keeps the sale's records and offsets across runs, so it needs a durable store: add --store redis (or --store file)")
     }
+    if o.role != "all" && o.transport != "redis-streams" {
+        throw UsageError(description: "--role \(o.role) splits the sale across processes, which needs --transport redis-streams (and a shared store: --store redis)")
+    }
+    if o.redisURL != nil && o.store != "redis" && o.transport != "redis-streams" {
+        throw UsageError(description: "--redis-url is used with --store redis or --transport redis-streams")
+    }
+    if o.memberID != nil && o.role != "consume" { throw UsageError(description: "--member-id is used with --role consume") }
     return o
 }
 
@@ -139,6 +158,8 @@ final class DemoFaults: FaultInjector {
 }
 
 final class Counters: Sendable {
+    let polled = Atomic<Int>(0)
+    let unavailable = Atomic<Int>(0)
     let duplicates = Atomic<Int>(0)
     let crashes = Atomic<Int>(0)
     let done = Atomic<Bool>(false)
@@ -163,66 +184,208 @@ struct PublishedRequest: Encodable {
     var memberId: Int64
 }
 
+let saleTopic = "coupon-requests"
+let saleGroup = "coupon-issuers"
+
+/// Where the sale's clicks go, and how a process knows the sale is over.
+protocol SaleTransport: Sendable {
+    associatedtype Transport: MessageTransport
+    var transport: Transport { get }
+    /// Publishes the requests not published yet, in order (a rerun resumes a killed run).
+    func publish(_ requests: [CouponRequest]) async throws
+    /// Whether all `total` requests are published and the group has committed all of them.
+    func isFinished(total: Int) async throws -> Bool
+    /// An injected crash killed `memberID`; its partitions must move on.
+    func crashed(memberID: String)
+    /// Records delivered to this process's members, when the transport counts them (polls that
+    /// an injected crash interrupted included).
+    var deliveredRecords: Int? { get }
+}
+
+/// The embedded default: everything in this process.
+struct MemorySale: SaleTransport {
+    let transport: InMemoryTransport
+    init(partitions: Int) throws {
+        transport = try InMemoryTransport(topics: [saleTopic: partitions, saleTopic + ".dlq": 1])
+    }
+    func publish(_ requests: [CouponRequest]) async throws {
+        for r in requests { _ = try transport.publishSync(r.outgoing, to: saleTopic, partitioning: .modulo) }
+    }
+    func isFinished(total: Int) async throws -> Bool {
+        transport.endOffsets(topic: saleTopic).values.reduce(0) { $0 + Int($1.rawValue) } == total
+            && transport.isFullyCommitted(group: saleGroup, topic: saleTopic)
+    }
+    func crashed(memberID: String) { transport.expel(memberID: memberID, group: saleGroup, topic: saleTopic) }
+    var deliveredRecords: Int? { transport.deliveredRecords }
+}
+
+/// Redis Streams, shared by every process that runs the same sale (same parameters and seed).
+struct RedisSale: SaleTransport {
+    let transport: RedisStreamsTransport
+    init(url: String, keyPrefix: String, sessionTimeout: Duration, partitions: Int) async throws {
+        var config = RedisStreamsTransport.Configuration(redis: try RedisConfiguration(url: url))
+        config.keyPrefix = keyPrefix
+        config.sessionTimeout = sessionTimeout
+        transport = try RedisStreamsTransport(configuration: config)
+        // A Redis that is not there at the start is a setup error: say so after a few tries.
+        try await retrying(attempts: 20) { try await transport.createTopic(saleTopic, partitions: partitions) }
+        try await retrying { try await transport.createTopic(saleTopic + ".dlq", partitions: 1) }
+    }
+    func publish(_ requests: [CouponRequest]) async throws {
+        try await retrying {
+            // Records are published one at a time, in order, so the streams hold a prefix of the
+            // requests: after a kill or an unknown outcome, count and go on from there.
+            var next = try await transport.endOffsets(topic: saleTopic).values.reduce(0) { $0 + Int($1.rawValue) }
+            guard next <= requests.count else {
+                throw UsageError(description: "the sale's streams hold \(next) records, more than its \(requests.count) requests")
+            }
+            while next < requests.count {
+                _ = try await transport.publish(requests[next].outgoing, to: saleTopic, partitioning: .modulo)
+                next += 1
+            }
+        }
+    }
+    func isFinished(total: Int) async throws -> Bool {
+        let published = try await transport.endOffsets(topic: saleTopic).values.reduce(0) { $0 + Int($1.rawValue) }
+        guard published == total else { return false }
+        return try await transport.isFullyCommitted(group: saleGroup, topic: saleTopic)
+    }
+    // The member comes back under the same id: its new session starts from the committed offsets.
+    func crashed(memberID: String) {}
+    var deliveredRecords: Int? { nil }
+}
+
+/// Retries `body` while Redis (or another backend) is unreachable, for up to about a minute.
+func retrying<T>(attempts: Int = 600, _ body: () async throws -> T) async throws -> T {
+    var failures = 0
+    while true {
+        do {
+            return try await body()
+        } catch let e as ExactlyOnceError where e.isRetriable && failures + 1 < attempts {
+            failures += 1
+            try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+}
+
+/// Names the sale's keys in a shared backend: the same parameters and seed are the same sale, so
+/// a rerun (or another process) continues it; other parameters never see its keys.
+func runID(_ o: Options) -> String {
+    var h: UInt64 = 0xcbf2_9ce4_8422_2325
+    for b in "\(o.seed)|\(o.requests)|\(o.coupons)|\(o.stock)|\(o.members)|\(o.duplicateRate)|\(o.partitions)".utf8 {
+        h = (h ^ UInt64(b)) &* 0x100_0000_01b3
+    }
+    return String(h, radix: 16)
+}
+
+func makeStore(_ o: Options) throws -> any DedupeStore {
+    switch o.store {
+    case "redis":
+        return try RedisDedupeStore(url: o.redisURL ?? defaultRedisURL, keyPrefix: "coupon-demo:\(runID(o)):store:")
+    default:
+        return try InMemoryDedupeStore()
+    }
+}
+
+let defaultRedisURL = "redis://127.0.0.1:6379"
+
 func runSale(_ o: Options) async throws -> Int32 {
-    let topic = "coupon-requests"
-    let group = "coupon-issuers"
-    let transport = try InMemoryTransport(topics: [topic: o.partitions, topic + ".dlq": 1])
-    let store = try InMemoryDedupeStore()
+    let store = try makeStore(o)
+    if o.store == "redis" {
+        // A Redis that is not there at the start is a setup error: say so after a few tries.
+        _ = try await retrying(attempts: 20) { try await store.readState("coupon-demo:probe") }
+    }
+    if o.transport == "redis-streams" {
+        let sale = try await RedisSale(url: o.redisURL ?? defaultRedisURL, keyPrefix: "coupon-demo:\(runID(o)):streams:",
+                                       sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
+        return try await runSale(o, sale: sale, store: store)
+    }
+    return try await runSale(o, sale: try MemorySale(partitions: o.partitions), store: store)
+}
+
+func runSale<Sale: SaleTransport, Store: DedupeStore>(_ o: Options, sale: Sale, store: Store) async throws -> Int32 {
     let requests = generateRequests(o)
     let stock = Dictionary(uniqueKeysWithValues: (1...Int64(o.coupons)).map { ($0, o.stock) })
     let issuer = CouponIssuer(stock: stock)
     let logger = Logger(label: "coupon-demo", factory: { _ in SwiftLogNoOpLogHandler() })
     let faults = DemoFaults(rate: o.crashRate, seed: o.seed)
     let counters = Counters()
+    let memberIDs: [String]
+    switch o.role {
+    case "consume":
+        let base = o.memberID ?? "issuer-\(ProcessInfo.processInfo.processIdentifier)"
+        memberIDs = o.consumers.map { n in (0..<n).map { "\(base)-\($0)" } } ?? [base]
+    case "all": memberIDs = (0..<(o.consumers ?? 3)).map { "issuer-\($0)" }
+    default: memberIDs = []
+    }
 
     let start = ContinuousClock.now
     try await withThrowingTaskGroup(of: Void.self) { tasks in
-        // The API side: publish every click at once, in order; each coupon's clicks keep their order.
-        tasks.addTask {
-            for r in requests { _ = try transport.publishSync(r.outgoing, to: topic, partitioning: .modulo) }
+        if o.role == "all" || o.role == "publish" {
+            // The API side: publish every click at once, in order; each coupon's clicks keep their order.
+            tasks.addTask { try await sale.publish(requests) }
         }
-        for k in 0..<o.consumers {
+        for id in memberIDs {
             tasks.addTask {
-                var config = ConsumerConfiguration(topic: topic, group: group, memberID: "issuer-\(k)")
+                var config = ConsumerConfiguration(topic: saleTopic, group: saleGroup, memberID: id)
                 config.idleWait = .milliseconds(1)
                 config.concurrentLanes = false  // one member per lane set; members run in parallel
                 let consumer = try ExactlyOnceConsumer(
-                    transport: transport, store: store, configuration: config, logger: logger,
+                    transport: sale.transport, store: store, configuration: config, logger: logger,
                     key: CouponRequest.keyExtractor, faults: faults, handler: issuer.handler)
-                var session = try await consumer.makeSession()
+                var session: ConsumerSession<Sale.Transport, Store>?
+                var failures = 0
                 while !counters.done.load(ordering: .acquiring) {
                     do {
-                        let r = try await session.step()
+                        if session == nil { session = try await consumer.makeSession() }
+                        let r = try await session!.step()
+                        failures = 0
+                        counters.polled.add(r.records, ordering: .relaxed)
                         counters.duplicates.add(r.duplicates, ordering: .relaxed)
                         if r.records == 0 { try await Task.sleep(for: .milliseconds(1)) }
                     } catch is InjectedCrash {
                         // The process "dies": its in-flight state is gone, its partitions move on,
                         // and it comes back as a new process that resumes from committed offsets.
                         counters.crashes.add(1, ordering: .relaxed)
-                        transport.expel(memberID: config.memberID, group: group, topic: topic)
-                        session = try await consumer.makeSession()
+                        sale.crashed(memberID: id)
+                        session = nil
                     } catch let e as ExactlyOnceError where e.code == .staleGeneration {
-                        session = try await consumer.makeSession()
+                        session = nil
+                    } catch let e as ExactlyOnceError where e.isRetriable {
+                        // The backend is unreachable (for example Redis restarting): wait, poll again.
+                        failures += 1
+                        counters.unavailable.add(1, ordering: .relaxed)
+                        try await Task.sleep(for: config.unavailableBackoff.delay(forRetry: failures))
                     }
                 }
-                try await session.close()
+                try? await session?.close()
             }
         }
-        tasks.addTask {
-            while !(transport.endOffsets(topic: topic).values.reduce(0) { $0 + Int($1.rawValue) } == requests.count
-                    && transport.isFullyCommitted(group: group, topic: topic)) {
-                try await Task.sleep(for: .milliseconds(2))
+        if !memberIDs.isEmpty {
+            tasks.addTask {
+                while !((try? await sale.isFinished(total: requests.count)) ?? false) {
+                    try await Task.sleep(for: .milliseconds(Sale.self == MemorySale.self ? 2 : 20))
+                }
+                counters.done.store(true, ordering: .releasing)
             }
-            counters.done.store(true, ordering: .releasing)
         }
         try await tasks.waitForAll()
     }
     let elapsed = ContinuousClock.now - start
     let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    if o.role == "publish" || o.role == "consume" {
+        let polled = counters.polled.load(ordering: .relaxed)
+        if o.json {
+            print("{\"role\":\"\(o.role)\",\"sale\":\"\(runID(o))\",\"requests\":\(requests.count),\"polled\":\(polled),\"crashes\":\(counters.crashes.load(ordering: .relaxed)),\"elapsedSeconds\":\(String(format: "%.3f", seconds))}")
+        } else {
+            print("coupon-demo \(o.role): done in \(String(format: "%.2f", seconds)) s (sale \(runID(o)), \(requests.count) requests, \(polled) records polled here)")
+        }
+        return 0
+    }
 
     // The audit: from the ledger (read back from the store) and the published requests only.
-    let ledger = try await CouponLedger.read(from: store, coupons: Array(stock.keys))
-    let records = try await store.records(for: Array(Set(requests.map(\.key))))
+    let ledger = try await retrying { try await CouponLedger.read(from: store, coupons: Array(stock.keys)) }
+    let records = try await retrying { try await store.records(for: Array(Set(requests.map(\.key)))) }
     // Requests given up on (dead-lettered after exhausting their attempts, e.g. under a very high
     // crash rate) are accounted for, not lost; they are left out of the first-come expectation.
     let deadLettered = Set(records.filter { $0.value.outcome?.status == .deadLettered }.keys)
@@ -231,12 +394,13 @@ func runSale(_ o: Options) async throws -> Int32 {
     if let path = o.requestsOut {
         try writeLines(requests.map { PublishedRequest(requestId: $0.requestId, couponId: $0.couponId, memberId: $0.memberId) }, to: path)
     }
-    let polled = transport.deliveredRecords
+    let polled = sale.deliveredRecords ?? counters.polled.load(ordering: .relaxed)
     let crashes = counters.crashes.load(ordering: .relaxed)
     let duplicates = counters.duplicates.load(ordering: .relaxed)
     let redelivered = max(0, polled - requests.count)
     let rps = seconds > 0 ? Double(requests.count) / seconds : 0
     let clean = audit.overIssued == 0 && audit.doubleIssued == 0 && audit.lost == 0 && audit.fcfsViolations == 0
+    let consumers = memberIDs.count
 
     if o.json {
         let fields: [(String, String)] = [
@@ -244,17 +408,17 @@ func runSale(_ o: Options) async throws -> Int32 {
             ("duplicatesSuppressed", "\(duplicates)"), ("redelivered", "\(redelivered)"), ("crashes", "\(crashes)"),
             ("overIssued", "\(audit.overIssued)"), ("doubleIssued", "\(audit.doubleIssued)"), ("lost", "\(audit.lost)"),
             ("fcfsViolations", "\(audit.fcfsViolations)"), ("duplicateRequests", "\(audit.duplicateRequests)"),
-            ("deadLettered", "\(deadLettered.count)"),
+            ("deadLettered", "\(deadLettered.count)"), ("backendUnavailable", "\(counters.unavailable.load(ordering: .relaxed))"),
             ("elapsedSeconds", String(format: "%.3f", seconds)), ("recordsPerSecond", String(format: "%.0f", rps)),
             ("coupons", "\(o.coupons)"), ("stock", "\(o.stock)"), ("partitions", "\(o.partitions)"), ("seed", "\(o.seed)"),
-            ("store", "\"\(o.store)\""), ("transport", "\"\(o.transport)\""),
+            ("store", "\"\(o.store)\""), ("transport", "\"\(o.transport)\""), ("role", "\"\(o.role)\""), ("sale", "\"\(runID(o))\""),
         ]
         print("{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}")
     } else {
         let distinct = requests.count - audit.duplicateRequests
         print("""
             Flash sale: \(requests.count) clicks on \(o.coupons) coupons (stock \(o.stock) each) by up to \(o.members) members
-              over \(o.partitions) partitions, \(o.consumers) consumers, seed \(o.seed), store \(o.store), transport \(o.transport)
+              over \(o.partitions) partitions, \(consumers) consumers, seed \(o.seed), store \(o.store), transport \(o.transport)
 
               sold       \(audit.issued) coupons issued (total stock \(Int64(o.coupons) * o.stock))
               sold out   \(audit.soldOut) member-coupon requests came too late and were told "sold out"
@@ -268,7 +432,7 @@ func runSale(_ o: Options) async throws -> Int32 {
               overIssued \(audit.overIssued)   doubleIssued \(audit.doubleIssued)   lost \(audit.lost)   fcfsViolations \(audit.fcfsViolations)
               \(clean ? "OK: every coupon went to exactly the first \(o.stock) distinct members who clicked, once each." : "FAILED: see the counts above.")
 
-            \(String(format: "%.2f", seconds)) s, \(String(format: "%.0f", rps)) requests/s
+            \(String(format: "%.2f", seconds)) s, \(String(format: "%.0f", rps)) requests/s\(o.store == "memory" && o.transport == "memory" ? "" : "   (sale \(runID(o)): rerun with the same options to resume or re-audit it)")
             """)
     }
     return clean ? 0 : 1
@@ -325,6 +489,12 @@ do {
 } catch let e as UsageError {
     FileHandle.standardError.write(Data("coupon-demo: \(e.description)\n\n\(usage)\n".utf8))
     exit(2)
+} catch let e as ExactlyOnceError where e.code == .invalidConfiguration {
+    FileHandle.standardError.write(Data("coupon-demo: \(e.message)\n".utf8))
+    exit(2)
+} catch let e as ExactlyOnceError where e.code == .storeUnavailable {
+    FileHandle.standardError.write(Data("coupon-demo: cannot reach the backend: \(e.message)\n".utf8))
+    exit(1)
 } catch {
     FileHandle.standardError.write(Data("coupon-demo: \(error)\n".utf8))
     exit(1)

@@ -57,10 +57,22 @@ public final class ExactlyOnceConsumer<Transport: MessageTransport, Store: Dedup
         let session = try await makeSession()
         let stop = StopFlag()
         try await withGracefulShutdownHandler {
+            var failures = 0
             while !stop.isSet && !Task.isCancelled {
-                let step = try await session.step()
-                if step.records == 0 && !stop.isSet {
-                    try? await Task.sleep(for: configuration.idleWait)
+                do {
+                    let step = try await session.step()
+                    failures = 0
+                    if step.records == 0 && !stop.isSet {
+                        try? await Task.sleep(for: configuration.idleWait)
+                    }
+                } catch let e as ExactlyOnceError where e.isRetriable {
+                    // The transport (or a store it shares) is unreachable: nothing was processed
+                    // that is not already recorded in the store, so wait and poll again.
+                    failures += 1
+                    logger.warning("poll failed; retrying", metadata: [
+                        "member": "\(configuration.memberID)", "error": "\(e)", "retry": "\(failures)",
+                    ])
+                    try? await Task.sleep(for: configuration.unavailableBackoff.delay(forRetry: failures))
                 }
             }
         } onGracefulShutdown: {
@@ -161,8 +173,9 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
     public var currentAssignment: [PartitionID: UInt64] { assignment }
 
     /// Polls once, processes the batch lane by lane, and commits each lane's finished prefix.
-    /// Throws only what the fault injector throws and unexpected transport errors; store
-    /// trouble pauses the affected lanes instead.
+    /// Throws what the fault injector throws and poll errors (retriable ones when the transport
+    /// is unreachable; ``run()`` waits and polls again); store trouble pauses the affected lanes,
+    /// and a commit that fails with a retriable error is left to the next commit.
     @discardableResult
     public func step() async throws -> StepReport {
         let c = consumer
@@ -224,6 +237,10 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
                 report.committed = true
             } catch let e as ExactlyOnceError where e.code == .staleGeneration {
                 c.logger.info("commit refused after rebalance; records will be redelivered to the new owner", metadata: ["member": "\(memberID)"])
+            } catch let e as ExactlyOnceError where e.isRetriable {
+                // Unknown outcome. The records are complete in the store; the next successful
+                // commit covers them, or the next owner reads them again and gets replays.
+                c.logger.warning("commit failed; the next commit covers these records", metadata: ["member": "\(memberID)", "error": "\(e)"])
             }
             if c.faultsEnabled { try await c.faults.reach(.afterCommit, ctx) }
         }

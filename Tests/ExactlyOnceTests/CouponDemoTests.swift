@@ -69,11 +69,22 @@ import Testing
     }
 
     @Test func badFlagsGetAClearErrorAndExitCode2() throws {
-        for args in [["--requests", "many"], ["--crash-rate", "2"], ["--partitions", "0"], ["--bogus"], ["--store", "file"], ["--transport", "kafka"]] {
+        for args in [["--requests", "many"], ["--crash-rate", "2"], ["--partitions", "0"], ["--bogus"], ["--store", "file"], ["--transport", "kafka"],
+                     ["--transport", "redis-streams"], ["--role", "consume"], ["--role", "boss"], ["--member-id", "a"],
+                     ["--redis-url", "redis://127.0.0.1:1"], ["--store", "redis", "--redis-url", "http://example.com"],
+                     ["--store", "redis", "--redis-url", "redis://u:hunter2@127.0.0.1:99999"]] {
             let r = try Self.run(args)
             #expect(r.status == 2, "\(args)")
             #expect(r.err.contains("coupon-demo:"), "\(args): \(r.err)")
+            #expect(!r.err.contains("hunter2"), "passwords never appear in errors")
         }
+    }
+
+    /// A Redis that is not there is a clear error after a few tries, not a hang or a crash.
+    @Test func unreachableRedisIsAClearError() throws {
+        let r = try Self.run(["--store", "redis", "--redis-url", "unix:///nonexistent/redis.sock", "--requests", "10"])
+        #expect(r.status == 1)
+        #expect(r.err.contains("cannot reach the backend"), "\(r.err)")
     }
 
     @Test func partitionSubcommandMapsKeysAndReportsBadLines() throws {

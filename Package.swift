@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "ExactlyOnce", targets: ["ExactlyOnce"]),
         .library(name: "ExactlyOnceTestKit", targets: ["ExactlyOnceTestKit"]),
         .library(name: "ExactlyOnceRedis", targets: ["ExactlyOnceRedis"]),
+        .library(name: "ExactlyOnceFileStore", targets: ["ExactlyOnceFileStore"]),
         .library(name: "CouponKit", targets: ["CouponKit"]),
         .executable(name: "coupon-demo", targets: ["CouponDemo"]),
     ],
@@ -37,7 +38,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "CouponDemo",
-            dependencies: ["CouponKit", "ExactlyOnce", "ExactlyOnceRedis", "ExactlyOnceTestKit"],
+            dependencies: ["CouponKit", "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceTestKit"],
             path: "Examples/CouponDemo"
         ),
         .systemLibrary(
@@ -48,6 +49,27 @@ let package = Package(
         .target(
             name: "ExactlyOnceRedis",
             dependencies: ["ExactlyOnce", "CHiredis", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(
+            name: "ExactlyOnceFileStore",
+            dependencies: [
+                "ExactlyOnce",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "FileStoreCrashChild",
+            dependencies: ["ExactlyOnce", "ExactlyOnceFileStore"],
+            path: "Tests/FileStoreCrashChild"
+        ),
+        .testTarget(
+            name: "ExactlyOnceFileStoreTests",
+            dependencies: [
+                "ExactlyOnceFileStore", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
         ),
         .testTarget(
             name: "ExactlyOnceRedisTests",

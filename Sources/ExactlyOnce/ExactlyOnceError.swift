@@ -39,6 +39,9 @@ public struct ExactlyOnceError: Error, Sendable, Hashable, CustomStringConvertib
         public static let corruptData = Code("corruptData")
         /// An I/O operation failed.
         public static let ioFailure = Code("ioFailure")
+        /// A store's directory is held by another open store (another process, or another
+        /// instance in this one). Not retriable until that one closes.
+        public static let storeLocked = Code("storeLocked")
         /// The component was used after it was shut down.
         public static let shutDown = Code("shutDown")
 

@@ -209,6 +209,12 @@ public struct DedupeStateMachine: Sendable {
         }
     }
 
+    /// Raises the last token handed out to at least `token` (recovery of a compacted journal,
+    /// where the record that held the highest token may be gone), so tokens never repeat.
+    public mutating func raiseLastToken(to token: UInt64) {
+        lastToken = max(lastToken, token)
+    }
+
     /// Reads one state value.
     public func readState(_ key: String) -> VersionedValue { state[key] ?? VersionedValue(value: nil, version: 0) }
 

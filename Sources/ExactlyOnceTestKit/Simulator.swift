@@ -132,9 +132,9 @@ public final class Simulator<Store: DedupeStore> {
     ///   - makeStore: makes the store under test from the simulator's clock.
     ///   - key: the key extractor.
     ///   - handler: your handler.
-    public func run(records: [OutgoingRecord], partitioning: Partitioning, makeStore: (ManualClock) throws -> Store,
+    public func run(records: [OutgoingRecord], partitioning: Partitioning, makeStore: (ManualClock) async throws -> Store,
                     key: @escaping KeyExtractor, handler: @escaping RecordHandler) async throws -> (SimulationReport, Store) {
-        let base = try makeStore(clock)
+        let base = try await makeStore(clock)
         let rate = configuration.storeFaultRate
         store = FaultyStore(base) { [shared] op in
             guard shared.faultsOn.load(ordering: .relaxed), op != .records else { return .none }

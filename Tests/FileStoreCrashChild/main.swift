@@ -1,0 +1,50 @@
+import ExactlyOnce
+import ExactlyOnceFileStore
+import Foundation
+
+// A child process for the file store's crash tests: claims and completes keys at full speed
+// from several tasks and prints each key once its completion is acknowledged (durable). The
+// test kills it with SIGKILL at random moments and checks the directory after each kill.
+//
+// usage: FileStoreCrashChild DIRECTORY FIRST-KEY
+
+let args = CommandLine.arguments
+guard args.count == 3, let first = Int64(args[2]) else {
+    FileHandle.standardError.write(Data("usage: FileStoreCrashChild DIRECTORY FIRST-KEY\n".utf8))
+    exit(2)
+}
+let lanes: Int64 = 8
+do {
+    let store = try await FileDedupeStore.open(FileStoreConfiguration(directory: args[1]))
+    let fingerprint = PayloadFingerprint.of(Array("payload".utf8))
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for lane in 0..<lanes {
+            group.addTask {
+                var i = first + lane
+                while true {
+                    let key = IdempotencyKey.coupon(couponId: 7, memberId: i)
+                    let result = try await store.claim([ClaimRequest(key: key, fingerprint: fingerprint, lease: .seconds(600))])[0]
+                    switch result {
+                    case .new(let claim):
+                        let counter = "count:\(i % lanes)"  // each task keeps one residue, so no two tasks share a counter
+                        let current = try await store.readState(counter)
+                        let n = current.value.flatMap { Int64(String(decoding: $0, as: UTF8.self)) } ?? 0
+                        let effects = EffectWrites(reads: [counter: current.version],
+                                                   writes: [counter: Array(String(n + 1).utf8), "issued:\(i)": Array("1".utf8)])
+                        try await store.complete(Completion(claim: claim, outcome: .applied("\(n + 1)"), effects: effects))
+                        FileHandle.standardOutput.write(Data("\(i)\n".utf8))  // one write(2) per acknowledgement
+                    case .completed:
+                        FileHandle.standardOutput.write(Data("\(i)\n".utf8))
+                    default:
+                        break
+                    }
+                    i += lanes
+                }
+            }
+        }
+        try await group.waitForAll()
+    }
+} catch {
+    FileHandle.standardError.write(Data("FileStoreCrashChild: \(error)\n".utf8))
+    exit(1)
+}

@@ -81,7 +81,7 @@ let package = Package(
         .testTarget(
             name: "ExactlyOnceTests",
             dependencies: [
-                "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit",
+                "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "ExactlyOnceFileStore",
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,5 +1,6 @@
 import CouponKit
 import ExactlyOnce
+import ExactlyOnceFileStore
 import ExactlyOnceRedis
 import ExactlyOnceTestKit
 import Foundation
@@ -26,7 +27,7 @@ let usage = """
       --store memory|file|redis              dedupe store [memory]
       --transport memory|redis-streams       transport [memory]
       --redis-url URL      redis://[user:password@]host:port[/db] or unix:///path [redis://127.0.0.1:6379]
-      --data-dir D         directory of the file store (with --store file)
+      --data-dir D         where the file store keeps the sale (D/sale-<id>, with --store file)
       --role R             all | publish | consume | audit [all]: run one side of the sale in this
                            process (with --transport redis-streams: processes share the sale by seed)
       --member-id NAME     consumer member id with --role consume [issuer-<pid>]
@@ -111,7 +112,11 @@ func parseOptions(_ args: [String]) throws -> Options {
     guard ["memory", "file", "redis"].contains(o.store) else { throw UsageError(description: "--store must be memory, file or redis, got '\(o.store)'") }
     guard ["memory", "redis-streams"].contains(o.transport) else { throw UsageError(description: "--transport must be memory or redis-streams, got '\(o.transport)'") }
     guard ["all", "publish", "consume", "audit"].contains(o.role) else { throw UsageError(description: "--role must be all, publish, consume or audit, got '\(o.role)'") }
-    if o.store == "file" { throw UsageError(description: "--store file is not available in this build yet: the file store arrives with its own issue (#3). Use --store memory.") }
+    if o.store == "file" && o.dataDir == nil { throw UsageError(description: "--store file needs --data-dir DIRECTORY (created when missing)") }
+    if o.dataDir != nil && o.store != "file" { throw UsageError(description: "--data-dir is used with --store file") }
+    if o.store == "file" && o.role != "all" {
+        throw UsageError(description: "--store file is one process's store (its directory is locked while open); --role splits a sale across processes: use --store redis")
+    }
     if o.transport == "redis-streams" && o.store == "memory" {
         throw UsageError(description: "--transport redis-streams keeps the sale's records and offsets across runs, so it needs a durable store: add --store redis (or --store file)")
     }
@@ -278,8 +283,16 @@ func runID(_ o: Options) -> String {
     return String(h, radix: 16)
 }
 
-func makeStore(_ o: Options) throws -> any DedupeStore {
+func makeStore(_ o: Options) async throws -> any DedupeStore {
     switch o.store {
+    case "file":
+        // The sale's journal lives in a subdirectory named after the sale, so one --data-dir
+        // can hold several sales and a rerun with the same options continues its own.
+        let parent = o.dataDir ?? "."
+        if !FileManager.default.fileExists(atPath: parent) {
+            try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+        }
+        return try await FileDedupeStore.open(FileStoreConfiguration(directory: parent + "/sale-" + runID(o)))
     case "redis":
         return try RedisDedupeStore(url: o.redisURL ?? defaultRedisURL, keyPrefix: "coupon-demo:\(runID(o)):store:")
     default:
@@ -290,7 +303,18 @@ func makeStore(_ o: Options) throws -> any DedupeStore {
 let defaultRedisURL = "redis://127.0.0.1:6379"
 
 func runSale(_ o: Options) async throws -> Int32 {
-    let store = try makeStore(o)
+    let store = try await makeStore(o)
+    do {
+        let status = try await runSale(o, store: store)
+        if let file = store as? FileDedupeStore { await file.close() }
+        return status
+    } catch {
+        if let file = store as? FileDedupeStore { await file.close() }
+        throw error
+    }
+}
+
+func runSale(_ o: Options, store: any DedupeStore) async throws -> Int32 {
     if o.store == "redis" {
         // A Redis that is not there at the start is a setup error: say so after a few tries.
         _ = try await retrying(attempts: 20) { try await store.readState("coupon-demo:probe") }

@@ -69,7 +69,7 @@ import Testing
     }
 
     @Test func badFlagsGetAClearErrorAndExitCode2() throws {
-        for args in [["--requests", "many"], ["--crash-rate", "2"], ["--partitions", "0"], ["--bogus"], ["--store", "file"], ["--transport", "kafka"],
+        for args in [["--requests", "many"], ["--crash-rate", "2"], ["--partitions", "0"], ["--bogus"], ["--store", "file"], ["--data-dir", "/tmp/x"], ["--store", "file", "--data-dir", "/tmp/x", "--role", "consume", "--transport", "redis-streams"], ["--transport", "kafka"],
                      ["--transport", "redis-streams"], ["--role", "consume"], ["--role", "boss"], ["--member-id", "a"],
                      ["--redis-url", "redis://127.0.0.1:1"], ["--store", "redis", "--redis-url", "http://example.com"],
                      ["--store", "redis", "--redis-url", "redis://u:hunter2@127.0.0.1:99999"]] {
@@ -78,6 +78,50 @@ import Testing
             #expect(r.err.contains("coupon-demo:"), "\(args): \(r.err)")
             #expect(!r.err.contains("hunter2"), "passwords never appear in errors")
         }
+    }
+
+    /// `--store file`: a run killed with SIGKILL mid-sale and started again with the same seed
+    /// and directory finishes the sale with a clean audit (ledger read back from the journal).
+    @Test func fileStoreRunKilledAndRerunFinishesCleanly() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("demo-file-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let args = ["--store", "file", "--data-dir", dir.path, "--requests", "300000", "--members", "200000", "--seed", "11", "--json"]
+        let p = Process()
+        p.executableURL = Self.binary
+        p.arguments = args
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        // Kill it once the journal has grown (the sale is under way) and before it finishes.
+        func journalBytes() -> Int {
+            guard let sales = try? FileManager.default.contentsOfDirectory(atPath: dir.path), let sale = sales.first,
+                  let names = try? FileManager.default.contentsOfDirectory(atPath: dir.path + "/" + sale) else { return 0 }
+            return names.filter { $0.hasSuffix(".eoj") }.reduce(0) { total, name in
+                total + ((try? FileManager.default.attributesOfItem(atPath: dir.path + "/" + sale + "/" + name)[.size] as? Int) ?? 0)
+            }
+        }
+        let deadline = ContinuousClock.now + .seconds(60)
+        while journalBytes() < 2_000_000 && p.isRunning && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        #expect(p.isRunning, "the kill must land mid-sale")
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        #expect(p.terminationReason == .uncaughtSignal)
+
+        let ledger = dir.appendingPathComponent("ledger.jsonl").path
+        let r = try Self.run(args + ["--ledger", ledger])
+        #expect(r.status == 0, "\(r.out) \(r.err)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+        for field in ["overIssued", "doubleIssued", "lost", "fcfsViolations"] { #expect(json[field] as? Int == 0, "\(field): \(r.out)") }
+        #expect((json["duplicatesSuppressed"] as? Int ?? 0) > 0, "the rerun found the first run's completions in the journal")
+        let issued = try String(contentsOfFile: ledger, encoding: .utf8).split(separator: "\n")
+        #expect(issued.count == 500)
+        #expect(Set(issued.map { line -> String in
+            let o = (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any]
+            return "\(o?["couponId"] ?? ""):\(o?["memberId"] ?? "")"
+        }).count == 500, "nobody holds the same coupon twice")
     }
 
     /// A Redis that is not there is a clear error after a few tries, not a hang or a crash.

@@ -14,6 +14,7 @@ let package = Package(
                 .product(name: "ExactlyOnce", package: "swift-exactly-once"),
                 .product(name: "CouponKit", package: "swift-exactly-once"),
                 .product(name: "ExactlyOnceRedis", package: "swift-exactly-once"),
+                .product(name: "ExactlyOnceFileStore", package: "swift-exactly-once"),
             ],
             path: "Sources/Bench"
         )

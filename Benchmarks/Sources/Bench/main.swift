@@ -10,8 +10,11 @@ var results: [String: Double] = [:]
     }
 }
 
-report("consumer", try await runConsumerBenchmarks())
-report("redis", try await runRedisBenchmarks())
+// BENCH_ONLY=consumer|redis|file runs one group (for iterating; `make bench` runs all).
+let only = ProcessInfo.processInfo.environment["BENCH_ONLY"]
+if only == nil || only == "consumer" { report("consumer", try await runConsumerBenchmarks()) }
+if only == nil || only == "redis" { report("redis", try await runRedisBenchmarks()) }
+if only == nil || only == "file" { report("file", try await runFileBenchmarks()) }
 
 let json = results.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\(String(format: "%.3f", $0.value))" }.joined(separator: ",")
 print("{\(json)}")

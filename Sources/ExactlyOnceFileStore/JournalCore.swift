@@ -29,6 +29,8 @@ final class JournalCore: @unchecked Sendable {
         var closed = false
         var stopping = false
         var writerExited = false
+        /// The writer is blocked waiting for work (only then does an append need to signal it).
+        var writerIdle = false
         var exitWaiters: [CheckedContinuation<Void, Never>] = []
         var filesClosed = false
         /// Bytes of the current segment on disk.
@@ -87,7 +89,7 @@ final class JournalCore: @unchecked Sendable {
                 JournalFormat.appendRecord(s.changes, token: nil, to: &s.pending)
                 s.appendedSeq += 1
                 s.pendingEnds.append((s.appendedSeq, s.pending.count))
-                cond.signal()
+                if s.writerIdle { cond.signal() }
             }
             return (result, s.appendedSeq)
         }
@@ -171,7 +173,9 @@ final class JournalCore: @unchecked Sendable {
         while true {
             cond.lock()
             while state.pendingEnds.isEmpty && state.compactions.isEmpty && !state.stopping && state.failure == nil {
+                state.writerIdle = true
                 cond.wait()
+                state.writerIdle = false
             }
             if state.failure != nil || (state.pendingEnds.isEmpty && state.compactions.isEmpty) {
                 cond.unlock()
@@ -424,6 +428,9 @@ final class JournalCore: @unchecked Sendable {
         let fd = try Files.openFile(path, create: false)
         do {
             let bytes = try Files.readAll(fd, path: path)
+            // Most keys cost well over 128 journal bytes (a claim and a completion record):
+            // reserving up front spares the index repeated rehashing while replaying.
+            machine.reserveCapacity(bytes.count / 128)
             let validEnd: Int = try bytes.withUnsafeBytes { b in
                 do {
                     let g = try JournalFormat.parseHeader(b)

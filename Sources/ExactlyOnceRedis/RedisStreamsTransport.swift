@@ -121,6 +121,7 @@ public final class RedisStreamsTransport: MessageTransport {
     public func subscribe(topic: String, group: String, memberID: String) async throws -> RedisStreamsSubscription {
         let count = try await partitionCount(of: topic)
         let subscription = RedisStreamsSubscription(transport: self, topic: topic, group: group, memberID: memberID, partitions: count)
+        try await subscription.ensureGroups()
         _ = try await subscription.heartbeat(leaving: false)
         return subscription
     }
@@ -135,12 +136,24 @@ public final class RedisStreamsSubscription: TransportSubscription {
     private let partitions: Int
     private let groupKeys: [[UInt8]]
     private let committedKey: [UInt8]
+    /// The Redis consumer group (one per partition stream) has the transport group's name.
+    private let groupName: [UInt8]
 
     private struct State {
         var assignment: [PartitionID: UInt64] = [:]
+        /// The next offset to hand out, per owned partition.
         var positions: [PartitionID: Offset] = [:]
+        /// Partitions whose pending entries (delivered to the group, not acknowledged) are
+        /// being taken over with `XAUTOCLAIM` before new entries are read.
+        var recovering: Set<PartitionID> = []
+        /// One past the highest offset this subscription received from the group, per
+        /// partition: below it, re-reads after a seek use `XRANGE`.
+        var delivered: [PartitionID: Offset] = [:]
         var closed = false
     }
+
+    /// How one partition is read in one poll.
+    private enum ReadMode { case claimPending, readNew, reread(until: Offset) }
     private let state = Mutex(State())
 
     init(transport: RedisStreamsTransport, topic: String, group: String, memberID: String, partitions: Int) {
@@ -152,6 +165,18 @@ public final class RedisStreamsSubscription: TransportSubscription {
         // members, generation, owners, owner epochs, epoch counter
         self.groupKeys = ["members", "gen", "owners", "epochs", "epoch"].map { Array((base + $0).utf8) }
         self.committedKey = Array((base + "committed").utf8)
+        self.groupName = Array(group.utf8)
+    }
+
+    /// Creates the Redis consumer group on every partition stream (`XGROUP CREATE ... 0
+    /// MKSTREAM`); an existing group is left as it is.
+    func ensureGroups() async throws {
+        let replies = try await transport.client.pipeline((0..<partitions).map { p in
+            [Array("XGROUP".utf8), Array("CREATE".utf8), transport.topicKey(topic, "\(p)"), groupName, Array("0".utf8), Array("MKSTREAM".utf8)]
+        })
+        for reply in replies {
+            if case .error(let e) = reply, !e.hasPrefix("BUSYGROUP") { throw ReplyDecoding.unexpected("XGROUP CREATE", reply) }
+        }
     }
 
     /// Renews this member's session, rebalances if membership changed, and returns the
@@ -195,35 +220,118 @@ public final class RedisStreamsSubscription: TransportSubscription {
                 committed[p] = Offset(try ReplyDecoding.int64(reply, "committed offset"))
             }
         }
-        let positions: [PartitionID: Offset] = state.withLock { s in
+        let plan: [(PartitionID, Offset, ReadMode)] = state.withLock { s in
             s.assignment = assignment
             s.positions = s.positions.filter { assignment[$0.key] != nil }
-            for p in fresh { s.positions[p] = committed[p] ?? Offset(0) }
-            return s.positions
+            s.recovering = s.recovering.filter { assignment[$0] != nil }
+            s.delivered = s.delivered.filter { assignment[$0.key] != nil }
+            for p in fresh {
+                s.positions[p] = committed[p] ?? Offset(0)
+                s.recovering.insert(p)
+                s.delivered[p] = nil
+            }
+            return s.positions.keys.sorted().map { p in
+                let pos = s.positions[p]!
+                if s.recovering.contains(p) { return (p, pos, .claimPending) }
+                if let d = s.delivered[p], pos < d { return (p, pos, .reread(until: d)) }
+                return (p, pos, .readNew)
+            }
         }
-        let owned = positions.keys.sorted()
-        let perPartition = max(1, maxRecords / max(1, owned.count))
-        var commands: [[[UInt8]]] = []
-        for p in owned {
-            commands.append([Array("XRANGE".utf8), transport.topicKey(topic, "\(p.rawValue)"),
-                             Array("0-\(positions[p]!.rawValue + 1)".utf8), Array("+".utf8),
-                             Array("COUNT".utf8), Array(String(perPartition).utf8)])
-            commands.append([Array("GET".utf8), transport.topicKey(topic, "\(p.rawValue):seq")])
-        }
-        let replies = try await transport.client.pipeline(commands)
+        let perPartition = max(1, maxRecords / max(1, plan.count))
+        let count = Array(String(perPartition).utf8)
         var records: [ConsumedRecord] = []
         var endOffsets: [PartitionID: Offset] = [:]
         var next: [PartitionID: Offset] = [:]
-        for (i, p) in owned.enumerated() {
-            for entry in try ReplyDecoding.array(replies[2 * i], "XRANGE") {
-                let record = try Self.decodeEntry(entry, topic: topic, partition: p)
-                records.append(record)
-                next[p] = record.offset.next
+        var receivedUpTo: [PartitionID: Offset] = [:]
+        var doneRecovering: Set<PartitionID> = []
+        var gaps: Set<PartitionID> = []
+        var round = plan
+        // Round 1 reads every owned partition; a partition whose recovery found nothing pending
+        // reads new entries in round 2 of the same poll.
+        while !round.isEmpty {
+            var commands: [[[UInt8]]] = []
+            for (p, pos, mode) in round {
+                let stream = transport.topicKey(topic, "\(p.rawValue)")
+                switch mode {
+                case .claimPending:
+                    // Take over what earlier owners received but did not commit, from our
+                    // position on. Min idle 0: ownership was already decided (lease and epoch in
+                    // Redis); a zombie's later commit is refused and its store operations fenced.
+                    commands.append([Array("XAUTOCLAIM".utf8), stream, groupName, Array(memberID.utf8), Array("0".utf8),
+                                     Array("0-\(pos.rawValue + 1)".utf8), Array("COUNT".utf8), count])
+                case .readNew:
+                    commands.append([Array("XREADGROUP".utf8), Array("GROUP".utf8), groupName, Array(memberID.utf8),
+                                     Array("COUNT".utf8), count, Array("STREAMS".utf8), stream, Array(">".utf8)])
+                case .reread(let until):
+                    commands.append([Array("XRANGE".utf8), stream, Array("0-\(pos.rawValue + 1)".utf8), Array("0-\(until.rawValue)".utf8),
+                                     Array("COUNT".utf8), count])
+                }
+                commands.append([Array("GET".utf8), transport.topicKey(topic, "\(p.rawValue):seq")])
             }
-            endOffsets[p] = Offset(replies[2 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * i + 1], "end offset"))
+            let replies = try await transport.client.pipeline(commands)
+            if replies.contains(where: { if case .error(let e) = $0 { e.hasPrefix("NOGROUP") } else { false } }) {
+                // A stream or its consumer group was deleted behind our back (FLUSHDB, a
+                // restore): recreate the groups; the next poll reads again from the committed offsets.
+                try await ensureGroups()
+                state.withLock { s in for p in s.assignment.keys { s.recovering.insert(p) } }
+                throw ExactlyOnceError(.transportFailure, "the consumer group of \(topic) was missing in Redis and was recreated")
+            }
+            var again: [(PartitionID, Offset, ReadMode)] = []
+            for (i, (p, pos, mode)) in round.enumerated() {
+                let entries: [RedisReply]
+                switch mode {
+                case .claimPending:
+                    // Redis 7: [next cursor, [entries], [deleted ids]]; 6.2: [cursor, [entries]].
+                    let parts = try ReplyDecoding.array(replies[2 * i], "XAUTOCLAIM", atLeast: 2)
+                    entries = try ReplyDecoding.array(parts[1], "XAUTOCLAIM entries")
+                    // Nothing pending from our position on: what follows was never delivered.
+                    if entries.allSatisfy({ $0 == .null }) {
+                        doneRecovering.insert(p)
+                        again.append((p, pos, .readNew))
+                    }
+                case .readNew:
+                    if replies[2 * i] == .null {
+                        entries = []
+                    } else {
+                        let streams = try ReplyDecoding.array(replies[2 * i], "XREADGROUP", count: 1)
+                        entries = try ReplyDecoding.array(try ReplyDecoding.array(streams[0], "XREADGROUP stream", count: 2)[1], "XREADGROUP entries")
+                    }
+                case .reread:
+                    entries = try ReplyDecoding.array(replies[2 * i], "XRANGE")
+                }
+                var expected = pos
+                for entry in entries where entry != .null {
+                    let record = try Self.decodeEntry(entry, topic: topic, partition: p)
+                    if case .reread = mode {} else {
+                        // Received from the group (pending under our name until committed).
+                        receivedUpTo[p] = max(receivedUpTo[p] ?? Offset(0), record.offset.next)
+                    }
+                    if record.offset < expected { continue }  // below a forward seek: skipped
+                    if record.offset > expected, case .readNew = mode {
+                        // Another member (one that lost the partition while reading) received the
+                        // entries in between: they are pending under its name. Claim them before
+                        // going on; the entries read here stay pending under ours.
+                        gaps.insert(p)
+                        break
+                    }
+                    // (After XAUTOCLAIM or XRANGE a jump means entries were deleted or trimmed.)
+                    records.append(record)
+                    expected = record.offset.next
+                    next[p] = expected
+                }
+                endOffsets[p] = Offset(replies[2 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * i + 1], "end offset"))
+            }
+            round = again
+        }
+        // Records of a partition handed out in this poll must be contiguous from its position.
+        if !gaps.isEmpty {
+            records.removeAll { gaps.contains($0.partition) && $0.offset >= (next[$0.partition] ?? Offset(0)) }
         }
         state.withLock { s in
             for (p, o) in next where s.assignment[p] != nil { s.positions[p] = o }
+            for (p, o) in receivedUpTo where s.assignment[p] != nil { s.delivered[p] = max(s.delivered[p] ?? Offset(0), o) }
+            for p in doneRecovering { s.recovering.remove(p) }
+            for p in gaps where s.assignment[p] != nil { s.recovering.insert(p) }
         }
         return PollResult(generation: generation, assignment: assignment, records: records, endOffsets: endOffsets)
     }
@@ -254,13 +362,14 @@ public final class RedisStreamsSubscription: TransportSubscription {
     /// Stores committed offsets atomically, or throws ``ExactlyOnceError/Code/staleGeneration``.
     public func commit(_ offsets: [PartitionID: Offset], generation: UInt64) async throws {
         if offsets.isEmpty { return }
-        var args: [[UInt8]] = [Array(memberID.utf8), Array(String(generation).utf8)]
+        var args: [[UInt8]] = [Array(memberID.utf8), Array(String(generation).utf8), groupName]
+        var keys = [groupKeys[1], groupKeys[2], committedKey]
         for (p, o) in offsets.sorted(by: { $0.key < $1.key }) {
             args.append(Array(String(p.rawValue).utf8))
             args.append(Array(String(o.rawValue).utf8))
+            keys.append(transport.topicKey(topic, "\(p.rawValue)"))
         }
-        let keys = [groupKeys[1], groupKeys[2], committedKey]
-        let reply = try await transport.client.command([Array("EVAL".utf8), StreamScripts.commit.body, Array("3".utf8)] + keys + args)
+        let reply = try await transport.client.command([Array("EVAL".utf8), StreamScripts.commit.body, Array(String(keys.count).utf8)] + keys + args)
         switch reply {
         case .status("OK"): return
         case .string(let b) where b == Array("STALE".utf8):
@@ -352,15 +461,30 @@ enum StreamScripts {
     return {tonumber(gen), mine}
     """)
 
-    /// KEYS: generation, owners, committed. ARGV: member, generation, then partition/offset pairs.
-    /// Returns `OK`, or `STALE` and stores nothing.
+    /// KEYS: generation, owners, committed, then the stream of each committed partition.
+    /// ARGV: member, generation, consumer group, then partition/offset pairs.
+    /// Stores the offsets and acknowledges (`XACK`) every pending entry below them, or returns
+    /// `STALE` and does nothing.
     static let commit = RedisScript("""
     if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[2] then return 'STALE' end
-    for i = 3, #ARGV, 2 do
+    for i = 4, #ARGV, 2 do
       if redis.call('HGET', KEYS[2], ARGV[i]) ~= ARGV[1] then return 'STALE' end
     end
-    for i = 3, #ARGV, 2 do
+    local k = 4
+    for i = 4, #ARGV, 2 do
       redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+      local upto = tonumber(ARGV[i + 1])
+      if upto > 0 then
+        while true do
+          local pending = redis.call('XPENDING', KEYS[k], ARGV[3], '-', '0-' .. upto, 1000)
+          if #pending == 0 then break end
+          local ids = {}
+          for j = 1, #pending do ids[j] = pending[j][1] end
+          redis.call('XACK', KEYS[k], ARGV[3], unpack(ids))
+          if #pending < 1000 then break end
+        end
+      end
+      k = k + 1
     end
     return redis.status_reply('OK')
     """)

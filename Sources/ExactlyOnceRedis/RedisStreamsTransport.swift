@@ -2,25 +2,29 @@ import ExactlyOnce
 import Logging
 import Synchronization
 
-/// A durable ``MessageTransport`` on Redis Streams: one stream per partition, Kafka-style
-/// committed offsets per consumer group, and partition ownership decided in Redis, so members in
-/// different processes split a topic and each partition has one owner at a time.
+/// A durable ``MessageTransport`` on Redis Streams: one stream per partition, read through a
+/// Redis consumer group per group, Kafka-style committed offsets, and partition ownership decided
+/// in Redis, so members in different processes split a topic and each partition has one owner at
+/// a time.
 ///
 /// ## Design
 /// - A record's offset is its position in the partition's stream: the entry ID is `0-(offset+1)`,
 ///   allocated with `INCR` in the same script as the `XADD`, so offsets are dense and ordered.
+/// - Every group is a Redis consumer group (`XGROUP CREATE ... 0 MKSTREAM`) on each partition
+///   stream; each member is the Redis consumer named by its member id.
 /// - Members heartbeat on every ``TransportSubscription/poll(maxRecords:)``; a member whose
 ///   session lapsed (``Configuration/sessionTimeout``) is dropped. Any membership change raises
 ///   the group's generation. Partitions go to the sorted live members round-robin; every change
-///   of a partition's owner draws a new epoch from one `INCR` counter, so epochs only grow.
-/// - Reads are `XRANGE` from the member's position; commits store the next offset to read,
-///   refused with ``ExactlyOnceError/Code/staleGeneration`` unless the generation is current and
-///   the member owns every partition committed.
-///
-/// Redis consumer groups (`XREADGROUP`/`XACK`/`XAUTOCLAIM`) are deliberately not used: the
-/// contract needs re-reads from a committed offset and ``TransportSubscription/seek(_:to:)``,
-/// which a pending-entries list does not give; committed offsets plus fencing epochs (which the
-/// dedupe store checks) give the same recovery of a dead member's records.
+///   of a partition's owner draws a new epoch from one `INCR` counter, so epochs only grow. Only
+///   the owner reads a partition.
+/// - The owner reads new entries with `XREADGROUP ... >` (non-blocking). A partition it acquires
+///   is read from the committed offset: `XAUTOCLAIM` claims the previous (possibly dead) owner's
+///   pending entries from there and returns them in order; entries no longer pending (after a
+///   seek below the committed offset) are read with `XRANGE`. Ownership is decided by the lease
+///   in Redis, not by idle time, so the claim uses min-idle 0.
+/// - A commit is one script: refused with ``ExactlyOnceError/Code/staleGeneration`` unless the
+///   generation is current and the member owns every partition committed; otherwise it stores
+///   the next offset to read and `XACK`s every entry pending below it.
 ///
 /// Durability of published records follows Redis persistence (see Docs/Redis.md).
 public final class RedisStreamsTransport: MessageTransport {
@@ -117,67 +121,84 @@ public final class RedisStreamsTransport: MessageTransport {
         return true
     }
 
-    /// Joins `group` on `topic` as `memberID` (the group rebalances at once).
+    /// The number of entries of `topic` delivered to `group` and not acknowledged yet (the sum of
+    /// `XPENDING` over the partition streams), for operations and tests. Entries are acknowledged
+    /// when a commit passes them. Reads Redis only; does not join the group.
+    public func pendingCount(group: String, topic: String) async throws -> Int {
+        let count = try await partitionCount(of: topic)
+        let replies = try await client.pipeline((0..<count).map { p in
+            [Array("XPENDING".utf8), topicKey(topic, "\(p)"), Array(group.utf8)]
+        })
+        var total = 0
+        for reply in replies {
+            if let e = reply.errorText, e.hasPrefix("NOGROUP") { continue }
+            let summary = try ReplyDecoding.array(reply, "XPENDING", atLeast: 1)
+            total += try ReplyDecoding.count(summary[0], "XPENDING count")
+        }
+        return total
+    }
+
+    /// Joins `group` on `topic` as `memberID` (the group rebalances at once). Creates the Redis
+    /// consumer group `group` on every partition stream (`XGROUP CREATE ... 0 MKSTREAM`) unless
+    /// it exists.
     public func subscribe(topic: String, group: String, memberID: String) async throws -> RedisStreamsSubscription {
         let count = try await partitionCount(of: topic)
         let subscription = RedisStreamsSubscription(transport: self, topic: topic, group: group, memberID: memberID, partitions: count)
-        try await subscription.ensureGroups()
+        try await subscription.createGroups((0..<count).map { PartitionID($0) })
         _ = try await subscription.heartbeat(leaving: false)
         return subscription
     }
 }
 
 /// One member of a consumer group on a ``RedisStreamsTransport``.
+///
+/// The member is the Redis consumer `memberID` of the Redis consumer group `group` on each of
+/// the topic's partition streams. Per owned partition it keeps a read position (the next offset
+/// to deliver) and how far the Redis group has delivered (its last-delivered ID):
+/// - below that point (after acquiring the partition, or after a seek backwards) it catches up:
+///   `XAUTOCLAIM` from the position claims the pending entries (a dead or previous owner's) for
+///   this member and returns them; where the entry at the position is no longer pending (already
+///   acknowledged), `XRANGE` reads it;
+/// - at or after that point it reads new entries with `XREADGROUP ... >` (never blocking).
 public final class RedisStreamsSubscription: TransportSubscription {
-    /// The member id.
+    /// The member id (also the Redis consumer name).
     public let memberID: String
     private let transport: RedisStreamsTransport
     private let topic: String
+    private let group: String
     private let partitions: Int
     private let groupKeys: [[UInt8]]
     private let committedKey: [UInt8]
-    /// The Redis consumer group (one per partition stream) has the transport group's name.
-    private let groupName: [UInt8]
+
+    /// One owned partition's read state.
+    struct PartitionState: Equatable {
+        /// The next offset to deliver.
+        var position: Offset
+        /// Offsets below this were delivered to the Redis group (its last-delivered ID is
+        /// `0-delivered`), as far as this member knows.
+        var delivered: Int64
+    }
 
     private struct State {
         var assignment: [PartitionID: UInt64] = [:]
-        /// The next offset to hand out, per owned partition.
-        var positions: [PartitionID: Offset] = [:]
-        /// Partitions whose pending entries (delivered to the group, not acknowledged) are
-        /// being taken over with `XAUTOCLAIM` before new entries are read.
-        var recovering: Set<PartitionID> = []
-        /// One past the highest offset this subscription received from the group, per
-        /// partition: below it, re-reads after a seek use `XRANGE`.
-        var delivered: [PartitionID: Offset] = [:]
+        var partitions: [PartitionID: PartitionState] = [:]
         var closed = false
     }
-
-    /// How one partition is read in one poll.
-    private enum ReadMode { case claimPending, readNew, reread(until: Offset) }
     private let state = Mutex(State())
 
     init(transport: RedisStreamsTransport, topic: String, group: String, memberID: String, partitions: Int) {
         self.transport = transport
         self.topic = topic
+        self.group = group
         self.memberID = memberID
         self.partitions = partitions
         let base = "\(transport.configuration.keyPrefix)g:\(group):\(topic):"
         // members, generation, owners, owner epochs, epoch counter
         self.groupKeys = ["members", "gen", "owners", "epochs", "epoch"].map { Array((base + $0).utf8) }
         self.committedKey = Array((base + "committed").utf8)
-        self.groupName = Array(group.utf8)
     }
 
-    /// Creates the Redis consumer group on every partition stream (`XGROUP CREATE ... 0
-    /// MKSTREAM`); an existing group is left as it is.
-    func ensureGroups() async throws {
-        let replies = try await transport.client.pipeline((0..<partitions).map { p in
-            [Array("XGROUP".utf8), Array("CREATE".utf8), transport.topicKey(topic, "\(p)"), groupName, Array("0".utf8), Array("MKSTREAM".utf8)]
-        })
-        for reply in replies {
-            if case .error(let e) = reply, !e.hasPrefix("BUSYGROUP") { throw ReplyDecoding.unexpected("XGROUP CREATE", reply) }
-        }
-    }
+    private func streamKey(_ p: PartitionID) -> [UInt8] { transport.topicKey(topic, "\(p.rawValue)") }
 
     /// Renews this member's session, rebalances if membership changed, and returns the
     /// generation and this member's partitions with their epochs.
@@ -202,6 +223,24 @@ public final class RedisStreamsSubscription: TransportSubscription {
         return (generation, assignment)
     }
 
+    /// `XGROUP CREATE <stream> <group> 0 MKSTREAM` for `partitions` (an existing group is kept).
+    func createGroups(_ partitions: [PartitionID]) async throws {
+        let replies = try await transport.client.pipeline(partitions.map(createGroupCommand))
+        for reply in replies { try Self.checkCreateGroup(reply) }
+    }
+
+    private func createGroupCommand(_ p: PartitionID) -> [[UInt8]] {
+        [Array("XGROUP".utf8), Array("CREATE".utf8), streamKey(p), Array(group.utf8), Array("0".utf8), Array("MKSTREAM".utf8)]
+    }
+
+    static func checkCreateGroup(_ reply: RedisReply) throws {
+        switch reply {
+        case .status("OK"): return
+        case .error(let e) where e.hasPrefix("BUSYGROUP"): return
+        default: throw ReplyDecoding.unexpected("XGROUP CREATE", reply)
+        }
+    }
+
     private func ensureOpen() throws {
         if state.withLock({ $0.closed }) { throw ExactlyOnceError(.shutDown, "subscription of \(memberID) is closed") }
     }
@@ -211,129 +250,168 @@ public final class RedisStreamsSubscription: TransportSubscription {
         try ensureOpen()
         let (generation, assignment) = try await heartbeat(leaving: false)
         // Newly assigned partitions (or ones that came back with a new epoch) start from the
-        // committed offset.
-        let fresh = state.withLock { s in assignment.filter { s.assignment[$0.key] != $0.value }.map(\.key) }
-        var committed: [PartitionID: Offset] = [:]
+        // committed offset; the group's last-delivered ID tells how far they must catch up.
+        let fresh = state.withLock { s in assignment.filter { s.assignment[$0.key] != $0.value }.map(\.key) }.sorted()
+        var acquired: [PartitionID: PartitionState] = [:]
         if !fresh.isEmpty {
-            let replies = try await transport.client.pipeline(fresh.map { [Array("HGET".utf8), committedKey, Array(String($0.rawValue).utf8)] })
-            for (p, reply) in zip(fresh, replies) where reply != .null {
-                committed[p] = Offset(try ReplyDecoding.int64(reply, "committed offset"))
-            }
-        }
-        let plan: [(PartitionID, Offset, ReadMode)] = state.withLock { s in
-            s.assignment = assignment
-            s.positions = s.positions.filter { assignment[$0.key] != nil }
-            s.recovering = s.recovering.filter { assignment[$0] != nil }
-            s.delivered = s.delivered.filter { assignment[$0.key] != nil }
-            for p in fresh {
-                s.positions[p] = committed[p] ?? Offset(0)
-                s.recovering.insert(p)
-                s.delivered[p] = nil
-            }
-            return s.positions.keys.sorted().map { p in
-                let pos = s.positions[p]!
-                if s.recovering.contains(p) { return (p, pos, .claimPending) }
-                if let d = s.delivered[p], pos < d { return (p, pos, .reread(until: d)) }
-                return (p, pos, .readNew)
-            }
-        }
-        let perPartition = max(1, maxRecords / max(1, plan.count))
-        let count = Array(String(perPartition).utf8)
-        var records: [ConsumedRecord] = []
-        var endOffsets: [PartitionID: Offset] = [:]
-        var next: [PartitionID: Offset] = [:]
-        var receivedUpTo: [PartitionID: Offset] = [:]
-        var doneRecovering: Set<PartitionID> = []
-        var gaps: Set<PartitionID> = []
-        var round = plan
-        // Round 1 reads every owned partition; a partition whose recovery found nothing pending
-        // reads new entries in round 2 of the same poll.
-        while !round.isEmpty {
             var commands: [[[UInt8]]] = []
-            for (p, pos, mode) in round {
-                let stream = transport.topicKey(topic, "\(p.rawValue)")
-                switch mode {
-                case .claimPending:
-                    // Take over what earlier owners received but did not commit, from our
-                    // position on. Min idle 0: ownership was already decided (lease and epoch in
-                    // Redis); a zombie's later commit is refused and its store operations fenced.
-                    commands.append([Array("XAUTOCLAIM".utf8), stream, groupName, Array(memberID.utf8), Array("0".utf8),
-                                     Array("0-\(pos.rawValue + 1)".utf8), Array("COUNT".utf8), count])
-                case .readNew:
-                    commands.append([Array("XREADGROUP".utf8), Array("GROUP".utf8), groupName, Array(memberID.utf8),
-                                     Array("COUNT".utf8), count, Array("STREAMS".utf8), stream, Array(">".utf8)])
-                case .reread(let until):
-                    commands.append([Array("XRANGE".utf8), stream, Array("0-\(pos.rawValue + 1)".utf8), Array("0-\(until.rawValue)".utf8),
-                                     Array("COUNT".utf8), count])
-                }
-                commands.append([Array("GET".utf8), transport.topicKey(topic, "\(p.rawValue):seq")])
+            for p in fresh {
+                commands.append(createGroupCommand(p))
+                commands.append([Array("HGET".utf8), committedKey, Array(String(p.rawValue).utf8)])
+                commands.append([Array("XINFO".utf8), Array("GROUPS".utf8), streamKey(p)])
             }
             let replies = try await transport.client.pipeline(commands)
-            if replies.contains(where: { if case .error(let e) = $0 { e.hasPrefix("NOGROUP") } else { false } }) {
-                // A stream or its consumer group was deleted behind our back (FLUSHDB, a
-                // restore): recreate the groups; the next poll reads again from the committed offsets.
-                try await ensureGroups()
-                state.withLock { s in for p in s.assignment.keys { s.recovering.insert(p) } }
-                throw ExactlyOnceError(.transportFailure, "the consumer group of \(topic) was missing in Redis and was recreated")
+            for (i, p) in fresh.enumerated() {
+                try Self.checkCreateGroup(replies[3 * i])
+                let committed = replies[3 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[3 * i + 1], "committed offset")
+                let delivered = try Self.lastDelivered(replies[3 * i + 2], group: group)
+                acquired[p] = PartitionState(position: Offset(committed), delivered: delivered)
             }
-            var again: [(PartitionID, Offset, ReadMode)] = []
-            for (i, (p, pos, mode)) in round.enumerated() {
-                let entries: [RedisReply]
-                switch mode {
-                case .claimPending:
-                    // Redis 7: [next cursor, [entries], [deleted ids]]; 6.2: [cursor, [entries]].
-                    let parts = try ReplyDecoding.array(replies[2 * i], "XAUTOCLAIM", atLeast: 2)
-                    entries = try ReplyDecoding.array(parts[1], "XAUTOCLAIM entries")
-                    // Nothing pending from our position on: what follows was never delivered.
-                    if entries.allSatisfy({ $0 == .null }) {
-                        doneRecovering.insert(p)
-                        again.append((p, pos, .readNew))
-                    }
-                case .readNew:
-                    if replies[2 * i] == .null {
-                        entries = []
-                    } else {
-                        let streams = try ReplyDecoding.array(replies[2 * i], "XREADGROUP", count: 1)
-                        entries = try ReplyDecoding.array(try ReplyDecoding.array(streams[0], "XREADGROUP stream", count: 2)[1], "XREADGROUP entries")
-                    }
-                case .reread:
-                    entries = try ReplyDecoding.array(replies[2 * i], "XRANGE")
-                }
-                var expected = pos
-                for entry in entries where entry != .null {
-                    let record = try Self.decodeEntry(entry, topic: topic, partition: p)
-                    if case .reread = mode {} else {
-                        // Received from the group (pending under our name until committed).
-                        receivedUpTo[p] = max(receivedUpTo[p] ?? Offset(0), record.offset.next)
-                    }
-                    if record.offset < expected { continue }  // below a forward seek: skipped
-                    if record.offset > expected, case .readNew = mode {
-                        // Another member (one that lost the partition while reading) received the
-                        // entries in between: they are pending under its name. Claim them before
-                        // going on; the entries read here stay pending under ours.
-                        gaps.insert(p)
-                        break
-                    }
-                    // (After XAUTOCLAIM or XRANGE a jump means entries were deleted or trimmed.)
-                    records.append(record)
-                    expected = record.offset.next
-                    next[p] = expected
-                }
-                endOffsets[p] = Offset(replies[2 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * i + 1], "end offset"))
+        }
+        let current: [PartitionID: PartitionState] = state.withLock { s in
+            s.assignment = assignment
+            s.partitions = s.partitions.filter { assignment[$0.key] != nil }
+            for (p, ps) in acquired { s.partitions[p] = ps }
+            return s.partitions
+        }
+        let owned = current.keys.sorted()
+        let perPartition = max(1, maxRecords / max(1, owned.count))
+        let count = [Array("COUNT".utf8), Array(String(perPartition).utf8)]
+
+        // Round 1: catch up with XAUTOCLAIM below the group's delivered point, XREADGROUP after it.
+        var commands: [[[UInt8]]] = []
+        for p in owned {
+            let ps = current[p]!
+            if ps.position.rawValue < ps.delivered {
+                commands.append([Array("XAUTOCLAIM".utf8), streamKey(p), Array(group.utf8), Array(memberID.utf8),
+                                 Array("0".utf8), Self.entryID(ps.position.rawValue)] + count)
+            } else {
+                commands.append([Array("XREADGROUP".utf8), Array("GROUP".utf8), Array(group.utf8), Array(memberID.utf8)] + count
+                                + [Array("STREAMS".utf8), streamKey(p), Array(">".utf8)])
             }
-            round = again
+            commands.append([Array("GET".utf8), transport.topicKey(topic, "\(p.rawValue):seq")])
         }
-        // Records of a partition handed out in this poll must be contiguous from its position.
-        if !gaps.isEmpty {
-            records.removeAll { gaps.contains($0.partition) && $0.offset >= (next[$0.partition] ?? Offset(0)) }
+        let replies = try await transport.client.pipeline(commands)
+        var read: [PartitionID: [ConsumedRecord]] = [:]
+        var next = current
+        var needsRange: [PartitionID] = []
+        var endOffsets: [PartitionID: Offset] = [:]
+        for (i, p) in owned.enumerated() {
+            var ps = current[p]!
+            if ps.position.rawValue < ps.delivered {
+                let entries = try Self.decodeAutoClaim(replies[2 * i], topic: topic, partition: p)
+                if let last = entries.last { ps.delivered = max(ps.delivered, last.offset.rawValue + 1) }
+                // The pending entries from the position on, as long as they follow it without a gap.
+                var run: [ConsumedRecord] = []
+                for r in entries where r.offset >= ps.position {
+                    guard r.offset == ps.position else { break }
+                    run.append(r)
+                    ps.position = r.offset.next
+                }
+                if run.isEmpty { needsRange.append(p) }
+                read[p] = run
+            } else {
+                let entries = try Self.decodeReadGroup(replies[2 * i], topic: topic, partition: p)
+                if let first = entries.first, let last = entries.last {
+                    ps.delivered = max(ps.delivered, last.offset.rawValue + 1)
+                    if first.offset <= ps.position {
+                        // Entries below the position (after a seek forward) are skipped; they
+                        // stay pending until a commit acknowledges them.
+                        let run = entries.filter { $0.offset >= ps.position }
+                        if let end = run.last { ps.position = end.offset.next }
+                        read[p] = run
+                    }
+                    // Otherwise entries between the position and `first` went to another
+                    // consumer (a former owner still reading): the next poll catches up from
+                    // the position, these included.
+                }
+            }
+            next[p] = ps
+            endOffsets[p] = Offset(replies[2 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * i + 1], "end offset"))
         }
+
+        // Round 2: entries that are no longer pending (acknowledged: a seek below the committed
+        // offset, or a commit moved backwards) are read with XRANGE up to the delivered point.
+        if !needsRange.isEmpty {
+            let rangeReplies = try await transport.client.pipeline(needsRange.map { p in
+                [Array("XRANGE".utf8), streamKey(p), Self.entryID(next[p]!.position.rawValue),
+                 Array("0-\(next[p]!.delivered)".utf8)] + count
+            })
+            for (p, reply) in zip(needsRange, rangeReplies) {
+                var ps = next[p]!
+                let entries = try ReplyDecoding.array(reply, "XRANGE").map { try Self.decodeEntry($0, topic: topic, partition: p) }
+                let run = entries.filter { $0.offset >= ps.position && $0.offset.rawValue < ps.delivered }
+                if let end = run.last { ps.position = end.offset.next }
+                // Fewer than asked: nothing else exists below the delivered point (trimmed).
+                if entries.count < perPartition { ps.position = Offset(max(ps.position.rawValue, ps.delivered)) }
+                read[p] = run
+                next[p] = ps
+            }
+        }
+
+        let records = owned.flatMap { read[$0] ?? [] }
         state.withLock { s in
-            for (p, o) in next where s.assignment[p] != nil { s.positions[p] = o }
-            for (p, o) in receivedUpTo where s.assignment[p] != nil { s.delivered[p] = max(s.delivered[p] ?? Offset(0), o) }
-            for p in doneRecovering { s.recovering.remove(p) }
-            for p in gaps where s.assignment[p] != nil { s.recovering.insert(p) }
+            for (p, ps) in next where s.assignment[p] == assignment[p] && s.partitions[p] == current[p] { s.partitions[p] = ps }
         }
         return PollResult(generation: generation, assignment: assignment, records: records, endOffsets: endOffsets)
+    }
+
+    /// The stream entry ID of `offset`.
+    static func entryID(_ offset: Int64) -> [UInt8] { Array("0-\(offset + 1)".utf8) }
+
+    /// The offset after the group's last-delivered ID, from an `XINFO GROUPS` reply (0 when the
+    /// group is not listed).
+    static func lastDelivered(_ reply: RedisReply, group: String) throws -> Int64 {
+        for g in try ReplyDecoding.array(reply, "XINFO GROUPS") {
+            let fields = try ReplyDecoding.array(g, "XINFO GROUPS entry")
+            guard fields.count % 2 == 0 else { throw ReplyDecoding.unexpected("XINFO GROUPS entry", g) }
+            var name: String?
+            var last: RedisReply?
+            for i in stride(from: 0, to: fields.count, by: 2) {
+                switch fields[i].text {
+                case "name": name = fields[i + 1].text
+                case "last-delivered-id": last = fields[i + 1]
+                default: break
+                }
+            }
+            guard name == group else { continue }
+            guard let last else { throw ReplyDecoding.unexpected("XINFO GROUPS entry", g) }
+            let id = try ReplyDecoding.text(last, "last-delivered-id")
+            guard id.hasPrefix("0-"), let seq = Int64(id.dropFirst(2)), seq >= 0 else { throw ReplyDecoding.unexpected("last-delivered-id", last) }
+            return seq
+        }
+        return 0
+    }
+
+    /// Entries of an `XREADGROUP` reply on one stream (nil when there is nothing new).
+    static func decodeReadGroup(_ reply: RedisReply, topic: String, partition: PartitionID) throws -> [ConsumedRecord] {
+        if reply == .null { return [] }
+        let streams = try ReplyDecoding.array(reply, "XREADGROUP", count: 1)
+        let stream = try ReplyDecoding.array(streams[0], "XREADGROUP stream", count: 2)
+        return try decodeEntries(stream[1], "XREADGROUP entries", topic: topic, partition: partition)
+    }
+
+    /// Entries of an `XAUTOCLAIM` reply: `[cursor, entries]` (Redis 6.2) or
+    /// `[cursor, entries, deleted IDs]` (Redis 7).
+    static func decodeAutoClaim(_ reply: RedisReply, topic: String, partition: PartitionID) throws -> [ConsumedRecord] {
+        let parts = try ReplyDecoding.array(reply, "XAUTOCLAIM", atLeast: 2)
+        guard parts.count <= 3 else { throw ReplyDecoding.unexpected("XAUTOCLAIM", reply) }
+        _ = try ReplyDecoding.text(parts[0], "XAUTOCLAIM cursor")
+        return try decodeEntries(parts[1], "XAUTOCLAIM entries", topic: topic, partition: partition)
+    }
+
+    /// A list of stream entries in ID order; deleted entries (nil, or an ID with nil fields) are
+    /// left out.
+    static func decodeEntries(_ reply: RedisReply, _ what: String, topic: String, partition: PartitionID) throws -> [ConsumedRecord] {
+        var out: [ConsumedRecord] = []
+        for entry in try ReplyDecoding.array(reply, what) {
+            if entry == .null { continue }
+            if case .array(let parts) = entry, parts.count == 2, parts[1] == .null { continue }
+            let record = try decodeEntry(entry, topic: topic, partition: partition)
+            if let last = out.last, record.offset <= last.offset { throw ReplyDecoding.unexpected(what, reply) }
+            out.append(record)
+        }
+        return out
     }
 
     static func decodeEntry(_ entry: RedisReply, topic: String, partition: PartitionID) throws -> ConsumedRecord {
@@ -359,15 +437,19 @@ public final class RedisStreamsSubscription: TransportSubscription {
         return ConsumedRecord(topic: topic, partition: partition, offset: Offset(seq - 1), key: key, payload: payload, headers: headers)
     }
 
-    /// Stores committed offsets atomically, or throws ``ExactlyOnceError/Code/staleGeneration``.
+    /// Stores committed offsets and acknowledges (`XACK`) every pending entry below them, in one
+    /// script, or throws ``ExactlyOnceError/Code/staleGeneration`` and stores and acknowledges
+    /// nothing.
     public func commit(_ offsets: [PartitionID: Offset], generation: UInt64) async throws {
         if offsets.isEmpty { return }
-        var args: [[UInt8]] = [Array(memberID.utf8), Array(String(generation).utf8), groupName]
         var keys = [groupKeys[1], groupKeys[2], committedKey]
+        var args: [[UInt8]] = [Array(memberID.utf8), Array(String(generation).utf8), Array(group.utf8)]
         for (p, o) in offsets.sorted(by: { $0.key < $1.key }) {
+            keys.append(streamKey(p))
             args.append(Array(String(p.rawValue).utf8))
             args.append(Array(String(o.rawValue).utf8))
-            keys.append(transport.topicKey(topic, "\(p.rawValue)"))
+            // Exclusive upper bound of the IDs to acknowledge: the entry of offset `o` and later stay.
+            args.append(Array("(0-\(max(0, o.rawValue) + 1)".utf8))
         }
         let reply = try await transport.client.command([Array("EVAL".utf8), StreamScripts.commit.body, Array(String(keys.count).utf8)] + keys + args)
         switch reply {
@@ -379,14 +461,16 @@ public final class RedisStreamsSubscription: TransportSubscription {
         }
     }
 
-    /// Moves this member's read position of an owned partition.
+    /// Moves this member's read position of an owned partition. Positions below the group's
+    /// delivered point are read again (claimed pending entries, or acknowledged ones with
+    /// `XRANGE`); entries below a position moved forward are skipped.
     public func seek(_ partition: PartitionID, to offset: Offset) async throws {
         try ensureOpen()
         try state.withLock { s in
-            guard s.assignment[partition] != nil else {
+            guard s.assignment[partition] != nil, s.partitions[partition] != nil else {
                 throw ExactlyOnceError(.staleGeneration, "member \(memberID) does not own partition \(partition)")
             }
-            s.positions[partition] = offset
+            s.partitions[partition]!.position = offset
         }
     }
 
@@ -396,10 +480,12 @@ public final class RedisStreamsSubscription: TransportSubscription {
         return reply == .null ? nil : Offset(try ReplyDecoding.int64(reply, "committed offset"))
     }
 
-    /// Leaves the group; its partitions move to the remaining members at once.
+    /// Leaves the group; its partitions move to the remaining members at once. The Redis
+    /// consumer `memberID` stays in the Redis groups (its pending entries, if any, are claimed by
+    /// the next owners).
     public func close() async throws {
         let wasOpen = state.withLock { s in
-            defer { s.closed = true; s.assignment = [:]; s.positions = [:] }
+            defer { s.closed = true; s.assignment = [:]; s.partitions = [:] }
             return !s.closed
         }
         if wasOpen { _ = try await heartbeat(leaving: true) }
@@ -461,30 +547,34 @@ enum StreamScripts {
     return {tonumber(gen), mine}
     """)
 
-    /// KEYS: generation, owners, committed, then the stream of each committed partition.
-    /// ARGV: member, generation, consumer group, then partition/offset pairs.
-    /// Stores the offsets and acknowledges (`XACK`) every pending entry below them, or returns
-    /// `STALE` and does nothing.
+    /// KEYS: generation, owners, committed, then the stream of each partition committed.
+    /// ARGV: member, generation, Redis group, then per partition (in the order of the streams):
+    /// partition, offset, exclusive upper bound of the IDs to acknowledge (`(0-(offset+1)`).
+    /// Returns `OK`, or `STALE` and stores and acknowledges nothing.
+    ///
+    /// Acknowledges every entry still pending below each committed offset (`XPENDING` over the
+    /// ID range, then `XACK`, in chunks), so a commit also settles entries delivered below the
+    /// position after a seek forward. A group missing on a stream (deleted stream) has nothing
+    /// pending: its error is ignored before anything is written.
     static let commit = RedisScript("""
     if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[2] then return 'STALE' end
-    for i = 4, #ARGV, 2 do
+    for i = 4, #ARGV, 3 do
       if redis.call('HGET', KEYS[2], ARGV[i]) ~= ARGV[1] then return 'STALE' end
     end
     local k = 4
-    for i = 4, #ARGV, 2 do
-      redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
-      local upto = tonumber(ARGV[i + 1])
-      if upto > 0 then
-        while true do
-          local pending = redis.call('XPENDING', KEYS[k], ARGV[3], '-', '0-' .. upto, 1000)
-          if #pending == 0 then break end
-          local ids = {}
-          for j = 1, #pending do ids[j] = pending[j][1] end
-          redis.call('XACK', KEYS[k], ARGV[3], unpack(ids))
-          if #pending < 1000 then break end
-        end
+    for i = 4, #ARGV, 3 do
+      while true do
+        local pending = redis.pcall('XPENDING', KEYS[k], ARGV[3], '-', ARGV[i + 2], 500)
+        if type(pending) ~= 'table' or pending.err or #pending == 0 then break end
+        local ids = {}
+        for j = 1, #pending do ids[j] = pending[j][1] end
+        redis.call('XACK', KEYS[k], ARGV[3], unpack(ids))
+        if #pending < 500 then break end
       end
       k = k + 1
+    end
+    for i = 4, #ARGV, 3 do
+      redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
     end
     return redis.status_reply('OK')
     """)

@@ -35,14 +35,7 @@ import Testing
     static var seedCount: Int { Int(ProcessInfo.processInfo.environment["FILE_SIMULATION_SEEDS"] ?? "") ?? 500 }
 
     @Test func noCouponIsEverIssuedTwiceOnTheFileStore() async throws {
-        await propertyCheck(count: Self.seedCount, input: Gen.uint64(in: 0 ... .max)) { seed in
-            do {
-                let (report, problems) = try await Self.simulate(seed: seed)
-                #expect(problems.isEmpty, "\(problems) — \(report.summary); replay with SIMULATION_SEED=\(seed)")
-            } catch {
-                Issue.record("seed \(seed) threw \(error); replay with SIMULATION_SEED=\(seed)")
-            }
-        }
+        await checkSeeds(count: Self.seedCount, replay: "") { try await Self.simulate(seed: $0) }
     }
 
     @Test func replaysOneSeedOnTheFileStore() async throws {

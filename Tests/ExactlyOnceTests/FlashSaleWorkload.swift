@@ -1,6 +1,8 @@
 import CouponKit
 import ExactlyOnce
 import ExactlyOnceTestKit
+import PropertyBased
+import Testing
 
 /// A seeded flash-sale workload for the simulator: a few coupons with small stock, more members
 /// than stock, repeated clicks, a conflicting payload now and then (F10) and a poison member
@@ -105,4 +107,18 @@ final class BatchingStore: DedupeStore {
     func release(_ claim: Claim, reason: String) async throws { try await base.release(claim, reason: reason) }
     func readState(_ keys: [String]) async throws -> [String: VersionedValue] { try await base.readState(keys) }
     func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord] { try await base.records(for: keys) }
+}
+
+/// Runs `simulate` over `count` random seeds (property-based), recording every seed whose sale
+/// has problems or throws, with the environment that replays it (`SIMULATION_SEED=<n>` plus
+/// `replay`).
+func checkSeeds(count: Int, replay: String, _ simulate: @escaping @Sendable (UInt64) async throws -> (SimulationReport, [String])) async {
+    await propertyCheck(count: count, input: Gen.uint64(in: 0 ... .max)) { seed in
+        do {
+            let (report, problems) = try await simulate(seed)
+            #expect(problems.isEmpty, "\(problems) — \(report.summary); replay with SIMULATION_SEED=\(seed)\(replay)")
+        } catch {
+            Issue.record("seed \(seed) threw \(error); replay with SIMULATION_SEED=\(seed)\(replay)")
+        }
+    }
 }

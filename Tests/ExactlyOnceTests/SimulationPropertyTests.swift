@@ -43,37 +43,16 @@ import Testing
     static var seedCount: Int { Int(ProcessInfo.processInfo.environment["SIMULATION_SEEDS"] ?? "") ?? 2000 }
 
     @Test func noCouponIsEverIssuedTwiceOverSeededSchedules() async throws {
-        await propertyCheck(count: Self.seedCount, input: Gen.uint64(in: 0 ... .max)) { seed in
-            do {
-                let (report, problems) = try await Self.simulate(seed: seed)
-                #expect(problems.isEmpty, "\(problems) — \(report.summary); replay with SIMULATION_SEED=\(seed)")
-            } catch {
-                Issue.record("seed \(seed) threw \(error); replay with SIMULATION_SEED=\(seed)")
-            }
-        }
+        await checkSeeds(count: Self.seedCount, replay: "") { try await Self.simulate(seed: $0) }
     }
 
     @Test func heavyFaultsStillKeepTheInvariants() async throws {
-        await propertyCheck(count: Self.seedCount / 2, input: Gen.uint64(in: 0 ... .max)) { seed in
-            do {
-                let (report, problems) = try await Self.simulate(seed: seed, heavy: true)
-                #expect(problems.isEmpty, "\(problems) — \(report.summary); replay with SIMULATION_SEED=\(seed) SIMULATION_HEAVY=1")
-            } catch {
-                Issue.record("seed \(seed) threw \(error); replay with SIMULATION_SEED=\(seed) SIMULATION_HEAVY=1")
-            }
-        }
+        await checkSeeds(count: Self.seedCount / 2, replay: " SIMULATION_HEAVY=1") { try await Self.simulate(seed: $0, heavy: true) }
     }
 
     /// The same properties when completions are buffered and sent in batches (file and Redis stores).
     @Test func batchedCompletionsKeepTheInvariants() async throws {
-        await propertyCheck(count: Self.seedCount / 2, input: Gen.uint64(in: 0 ... .max)) { seed in
-            do {
-                let (report, problems) = try await Self.simulateBatched(seed: seed)
-                #expect(problems.isEmpty, "\(problems) — \(report.summary); replay with SIMULATION_SEED=\(seed) SIMULATION_BATCHED=1")
-            } catch {
-                Issue.record("seed \(seed) threw \(error); replay with SIMULATION_SEED=\(seed) SIMULATION_BATCHED=1")
-            }
-        }
+        await checkSeeds(count: Self.seedCount / 2, replay: " SIMULATION_BATCHED=1") { try await Self.simulateBatched(seed: $0) }
     }
 
     /// The simulator must actually reach every failure point and fault kind, or the properties above prove little.

@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
     ],
     targets: [
         .target(
@@ -38,7 +39,11 @@ let package = Package(
         ),
         .executableTarget(
             name: "CouponDemo",
-            dependencies: ["CouponKit", "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceTestKit"],
+            dependencies: [
+                "CouponKit", "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceTestKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             path: "Examples/CouponDemo"
         ),
         .systemLibrary(
@@ -63,10 +68,15 @@ let package = Package(
             dependencies: ["ExactlyOnce", "ExactlyOnceFileStore"],
             path: "Tests/FileStoreCrashChild"
         ),
+        .target(
+            name: "TestSupport",
+            dependencies: ["ExactlyOnce", "ExactlyOnceRedis"],
+            path: "Tests/TestSupport"
+        ),
         .testTarget(
             name: "ExactlyOnceFileStoreTests",
             dependencies: [
-                "ExactlyOnceFileStore", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit",
+                "ExactlyOnceFileStore", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
@@ -74,14 +84,14 @@ let package = Package(
         .testTarget(
             name: "ExactlyOnceRedisTests",
             dependencies: [
-                "ExactlyOnceRedis", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit",
+                "ExactlyOnceRedis", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(
             name: "ExactlyOnceTests",
             dependencies: [
-                "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "ExactlyOnceFileStore",
+                "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "ExactlyOnceFileStore", "TestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "Logging", package: "swift-log"),
             ]

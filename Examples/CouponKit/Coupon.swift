@@ -87,7 +87,7 @@ public struct CouponIssuer: Sendable {
     public static func serialKey(_ c: Int64, _ n: Int64) -> String { "coupon:\(c):serial:\(n)" }
 
     /// The handler.
-    public func handle(_ ctx: inout HandlerContext) async throws -> Outcome {
+    public func handle(_ ctx: inout HandlerContext<EffectTransaction>) async throws -> Outcome {
         let (couponId, memberId) = try CouponRequest.decode(ctx.record.payload)
         guard let limit = stock[couponId] else { return .rejected("unknown coupon") }
         let issued = try await ctx.transaction.getInt(Self.issuedKey(couponId)) ?? 0
@@ -99,7 +99,7 @@ public struct CouponIssuer: Sendable {
     }
 
     /// The handler as a closure for ``ExactlyOnceConsumer``.
-    public var handler: RecordHandler {
+    public var handler: RecordHandler<EffectTransaction> {
         let issuer = self
         return { ctx in try await issuer.handle(&ctx) }
     }

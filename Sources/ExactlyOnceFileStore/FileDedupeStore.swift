@@ -229,6 +229,16 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
         }
     }
 
+    public func listRecords(_ query: RecordQuery) async throws -> RecordPage {
+        let now = clock.now()
+        return try await core.perform { machine, _ in try machine.list(query, now: now) }
+    }
+
+    public func reopenDeadLettered(_ key: IdempotencyKey) async throws -> Bool {
+        let now = clock.now()
+        return try await core.perform { machine, changes in machine.reopenDeadLettered(key, now: now, changes: &changes) }
+    }
+
     /// A journal record must fit ``JournalFormat/maximumPayload``; refuse before touching state.
     static func checkSize(_ completions: [Completion]) throws {
         var total = 0

@@ -1,14 +1,15 @@
-/// A Lua script run with `EVALSHA`, falling back to `EVAL` when the server answers `NOSCRIPT`
-/// (after a restart or `SCRIPT FLUSH`).
+/// A Lua script, run with `EVALSHA` under the SHA-1 that Redis itself answered to
+/// `SCRIPT LOAD` (the client loads it on first use and again after `NOSCRIPT`, when the server
+/// restarted or its script cache was flushed).
 struct RedisScript: Sendable {
+    /// A name unique among the library's scripts (the client's cache key).
+    let name: String
     /// The script body.
     let body: [UInt8]
-    /// The SHA-1 Redis names it by.
-    let sha: [UInt8]
 
-    init(_ source: String) {
-        body = Array(source.utf8)
-        sha = Array(SHA1.hex(body).utf8)
+    init(_ name: String, _ source: String) {
+        self.name = name
+        self.body = Array(source.utf8)
     }
 }
 
@@ -36,7 +37,7 @@ enum DedupeScripts {
     /// Reply: `{'FENCED', index, seenEpoch}` or one entry per request:
     /// `{'N', token, attempt}`, `{'D', status, detail}`, `{'P', leaseEnd}`,
     /// `{'C', storedFingerprint, hasOutcome (1/0), status, detail}`.
-    static let claim = RedisScript(helpers + """
+    static let claim = RedisScript("dedupe.claim", helpers + """
     local now = tonumber(ARGV[1])
     local n = #KEYS - 2
     for i = 1, n do
@@ -122,7 +123,7 @@ enum DedupeScripts {
     /// the read versions, then per write 1/0 (set/remove) and the value.
     /// Reply: one entry per completion handled: `{'OK'}` or `{'REPEAT'}`; the last may instead be
     /// `{'FENCED', reason, detail}` or `{'CONFLICT', readIndex}`, and then the rest were not run.
-    static let complete = RedisScript(helpers + """
+    static let complete = RedisScript("dedupe.complete", helpers + """
     local now = tonumber(ARGV[1])
     local retention = ARGV[2]
     local a = 3
@@ -175,7 +176,7 @@ enum DedupeScripts {
 
     /// KEYS: fence hash, record. ARGV: now, token, has-fence, scope, epoch, reason.
     /// Reply: `{'OK'}` or `{'FENCED', reason, detail}`.
-    static let release = RedisScript(helpers + """
+    static let release = RedisScript("dedupe.release", helpers + """
     if ARGV[3] == '1' then
       local seen = redis.call('HGET', KEYS[1], ARGV[4])
       if seen and older(ARGV[5], seen) then return {'FENCED', 'epoch', seen} end
@@ -187,5 +188,16 @@ enum DedupeScripts {
     if r[2] ~= '1' then return {'FENCED', 'completed', ''} end
     redis.call('HSET', KEYS[2], 'ph', '2', 'lf', ARGV[6])
     return {'OK'}
+    """)
+
+    /// KEYS: record. ARGV: now (lease end of the reopened record), reason.
+    /// Reply: 1 when a dead-lettered record was reopened, 0 otherwise.
+    static let reopenDeadLettered = RedisScript("dedupe.reopen", """
+    local r = redis.call('HMGET', KEYS[1], 'ph', 'os', 'od')
+    if r[1] ~= '3' or r[2] ~= '2' then return 0 end
+    redis.call('HSET', KEYS[1], 'ph', '2', 'at', '0', 'le', ARGV[1], 'lf', ARGV[2] .. (r[3] or '') .. ')')
+    redis.call('HDEL', KEYS[1], 'os', 'od', 'ex')
+    redis.call('PERSIST', KEYS[1])
+    return 1
     """)
 }

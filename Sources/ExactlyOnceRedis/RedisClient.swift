@@ -20,6 +20,8 @@ import Darwin
 final class RedisClient: Sendable {
     private let slots: [Slot]
     private let next = Atomic<UInt>(0)
+    /// SHA-1 of each script as Redis answered `SCRIPT LOAD`, by script name.
+    private let scriptSHAs = Mutex<[String: [UInt8]]>([:])
     /// The configuration the client was made with.
     let configuration: RedisConfiguration
 
@@ -56,6 +58,40 @@ final class RedisClient: Sendable {
     /// Sends one command given as text arguments.
     func command(_ argv: String...) async throws -> RedisReply {
         try await command(argv.map { Array($0.utf8) })
+    }
+
+    /// Runs `script` once per (keys, args) pair, all in one pipelined round trip, with
+    /// `EVALSHA` under the SHA-1 Redis gave for it. The first call (and any call answered
+    /// `NOSCRIPT`, after a restart or `SCRIPT FLUSH`) loads it with `SCRIPT LOAD` first.
+    func evaluate(_ script: RedisScript, _ calls: [([[UInt8]], [[UInt8]])]) async throws -> [RedisReply] {
+        if calls.isEmpty { return [] }
+        func command(_ sha: [UInt8], _ call: ([[UInt8]], [[UInt8]])) -> [[UInt8]] {
+            var argv: [[UInt8]] = [Array("EVALSHA".utf8), sha, Array(String(call.0.count).utf8)]
+            argv.reserveCapacity(3 + call.0.count + call.1.count)
+            argv += call.0
+            argv += call.1
+            return argv
+        }
+        var sha = scriptSHAs.withLock { $0[script.name] }
+        if sha == nil { sha = try await load(script) }
+        var replies = try await pipeline(calls.map { command(sha!, $0) })
+        let missing = replies.indices.filter { replies[$0].errorText?.hasPrefix("NOSCRIPT") == true }
+        if !missing.isEmpty {
+            let fresh = try await load(script)
+            let again = try await pipeline(missing.map { command(fresh, calls[$0]) })
+            for (index, reply) in zip(missing, again) { replies[index] = reply }
+        }
+        return replies
+    }
+
+    /// `SCRIPT LOAD`, remembering the SHA-1 the server answers.
+    private func load(_ script: RedisScript) async throws -> [UInt8] {
+        let reply = try await command([Array("SCRIPT".utf8), Array("LOAD".utf8), script.body])
+        guard let sha = reply.bytes, sha.count == 40, sha.allSatisfy({ (48...57).contains($0) || (97...102).contains($0) }) else {
+            throw ReplyDecoding.unexpected("SCRIPT LOAD", reply)
+        }
+        scriptSHAs.withLock { $0[script.name] = sha }
+        return sha
     }
 
     private func pickSlot() -> Slot {

@@ -60,7 +60,7 @@ final class RedisConnection {
                 // arguments (the password) are never part of any message.
                 let reply = try connection.command(argv)
                 guard case .status = reply else {
-                    throw ExactlyOnceError(.storeUnavailable, "Redis refused authentication at \(configuration.endpoint)")
+                    throw ExactlyOnceError(.storeFailure, "Redis refused authentication at \(configuration.endpoint) (check the user name and password)", cause: ExactlyOnceError.Cause(type: "RedisServerError", code: reply.errorText.map { String($0.prefix { $0 != " " }.prefix(32)) }))
                 }
             }
             if configuration.database != 0 {

@@ -195,6 +195,64 @@ public final class RedisDedupeStore: DedupeStore {
         return out
     }
 
+    /// A page of records matching `query`, found with `SCAN` over the record keys: in key
+    /// order within each `SCAN` step, not overall. The cursor is Redis's `SCAN` cursor and the
+    /// last key returned from its step (`<cursor>|<key>`). As with `SCAN`, a record present for
+    /// the whole listing is returned at least once; one moved by a rehash may come twice.
+    public func listRecords(_ query: RecordQuery) async throws -> RecordPage {
+        let limit = try query.validatedLimit()
+        let prefix = configuration.keyPrefix + "r:"
+        let pattern = Self.globEscape(prefix) + "*"
+        var cursor = "0"
+        var after: String?
+        if let given = query.cursor {
+            let parts = given.split(separator: "|", maxSplits: 1, omittingEmptySubsequences: false)
+            guard let c = parts.first, !c.isEmpty, c.allSatisfy(\.isNumber) else {
+                throw ExactlyOnceError(.invalidConfiguration, "not a cursor of this store: \(IdempotencyKeyText.bounded(given))")
+            }
+            cursor = String(c)
+            if parts.count == 2 { after = String(parts[1]) }
+        }
+        var found: [DedupeRecord] = []
+        let now = clock.now()
+        while true {
+            let reply = try await client.command("SCAN", cursor, "MATCH", pattern, "COUNT", String(max(100, limit)))
+            let parts = try ReplyDecoding.array(reply, "SCAN", count: 2)
+            let next = try ReplyDecoding.text(parts[0], "SCAN cursor")
+            guard !next.isEmpty, next.allSatisfy(\.isNumber) else { throw ReplyDecoding.unexpected("SCAN cursor", parts[0]) }
+            let names = try ReplyDecoding.array(parts[1], "SCAN keys").map { try ReplyDecoding.text($0, "SCAN key") }
+            let keys = names.compactMap { name -> IdempotencyKey? in
+                guard name.hasPrefix(prefix) else { return nil }
+                return try? IdempotencyKey(rawValue: String(name.dropFirst(prefix.count)))
+            }
+            var lastInStep: String?
+            for record in try await records(for: keys).values.sorted(by: { $0.key < $1.key }) {
+                if let after, record.key.rawValue <= after { continue }
+                if record.phase == .completed, let e = record.expiresAt, now >= e { continue }
+                guard query.matches(record) else { continue }
+                if found.count == limit {
+                    return RecordPage(records: found, nextCursor: lastInStep.map { "\(cursor)|\($0)" } ?? cursor)
+                }
+                found.append(record)
+                lastInStep = record.key.rawValue
+            }
+            after = nil
+            cursor = next
+            if cursor == "0" { return RecordPage(records: found, nextCursor: nil) }
+        }
+    }
+
+    /// Makes a dead-lettered key claimable again with its attempts reset (one script call).
+    public func reopenDeadLettered(_ key: IdempotencyKey) async throws -> Bool {
+        let now = clock.now()
+        let reply = try await evaluate(DedupeScripts.reopenDeadLettered, [([recordKey(key)], [Self.decimal(now.milliseconds), Array("reopened for dead-letter replay (was: ".utf8)])])[0]
+        switch reply {
+        case .integer(1): return true
+        case .integer(0): return false
+        default: throw ReplyDecoding.unexpected("reopen", reply)
+        }
+    }
+
     /// Deletes every key under ``Configuration/keyPrefix`` (with `SCAN` and `UNLINK`); returns
     /// how many. For tests and decommissioning; never run it against a live tenant.
     @discardableResult
@@ -223,23 +281,8 @@ public final class RedisDedupeStore: DedupeStore {
 
     // MARK: - Script calls
 
-    /// Runs `script` once per (keys, args) pair, all in one pipelined round trip; re-sends the
-    /// calls that got `NOSCRIPT` with `EVAL` (which also caches the script again).
     private func evaluate(_ script: RedisScript, _ calls: [([[UInt8]], [[UInt8]])]) async throws -> [RedisReply] {
-        func command(_ name: String, _ head: [UInt8], _ call: ([[UInt8]], [[UInt8]])) -> [[UInt8]] {
-            var argv: [[UInt8]] = [Array(name.utf8), head, Self.decimal(UInt64(call.0.count))]
-            argv.reserveCapacity(3 + call.0.count + call.1.count)
-            argv += call.0
-            argv += call.1
-            return argv
-        }
-        var replies = try await client.pipeline(calls.map { command("EVALSHA", script.sha, $0) })
-        let missing = replies.indices.filter { replies[$0].errorText?.hasPrefix("NOSCRIPT") == true }
-        if !missing.isEmpty {
-            let again = try await client.pipeline(missing.map { command("EVAL", script.body, calls[$0]) })
-            for (index, reply) in zip(missing, again) { replies[index] = reply }
-        }
-        return replies
+        try await client.evaluate(script, calls)
     }
 
     // MARK: - Reply decoding (fuzzed: unexpected replies throw, never trap)

@@ -63,90 +63,173 @@ public final class RedisStreamsTransport: MessageTransport {
     /// Creates `topic` with `partitions` partitions; creating it again with the same count is a no-op.
     /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` when it exists with another count.
     public func createTopic(_ topic: String, partitions: Int) async throws {
-        guard partitions >= 1 else { throw ExactlyOnceError(.invalidConfiguration, "a topic needs at least one partition") }
-        let key = topicKey(topic, "n")
-        _ = try await client.command([Array("SET".utf8), key, Array(String(partitions).utf8), Array("NX".utf8)])
-        let existing = try await partitionCount(of: topic)
-        guard existing == partitions else {
-            throw ExactlyOnceError(.invalidConfiguration, "topic \(topic) exists with \(existing) partitions, not \(partitions)")
+        return try await transportCall {
+            guard partitions >= 1 else { throw ExactlyOnceError(.invalidConfiguration, "a topic needs at least one partition") }
+            let key = topicKey(topic, "n")
+            _ = try await client.command([Array("SET".utf8), key, Array(String(partitions).utf8), Array("NX".utf8)])
+            let existing = try await partitionCount(of: topic)
+            guard existing == partitions else {
+                throw ExactlyOnceError(.invalidConfiguration, "topic \(topic) exists with \(existing) partitions, not \(partitions)")
+            }
         }
     }
 
     /// The number of partitions of `topic`.
-    /// - Throws: ``ExactlyOnceError/Code/transportFailure`` for an unknown topic.
+    /// - Throws: ``ExactlyOnceError/Code/unknownTopic`` for an unknown topic.
     public func partitionCount(of topic: String) async throws -> Int {
-        let reply = try await client.command([Array("GET".utf8), topicKey(topic, "n")])
-        if reply == .null { throw ExactlyOnceError(.transportFailure, "unknown topic \(topic)") }
-        let n = try ReplyDecoding.int64(reply, "partition count")
-        guard n >= 1, let count = Int(exactly: n) else { throw ReplyDecoding.unexpected("partition count", reply) }
-        return count
+        return try await transportCall {
+            let reply = try await client.command([Array("GET".utf8), topicKey(topic, "n")])
+            if reply == .null { throw ExactlyOnceError(.unknownTopic, "unknown topic \(topic)") }
+            let n = try ReplyDecoding.int64(reply, "partition count")
+            guard n >= 1, let count = Int(exactly: n) else { throw ReplyDecoding.unexpected("partition count", reply) }
+            return count
+        }
     }
 
     /// Appends `record` to its partition's stream (one script: offset allocation and `XADD`).
     public func publish(_ record: OutgoingRecord, to topic: String, partitioning: Partitioning) async throws -> RecordPosition {
-        let count = try await partitionCount(of: topic)
-        let p = try partitioning.resolve(key: record.key, partitionCount: count)
-        var args: [[UInt8]] = [Array("p".utf8), record.payload]
-        if let key = record.key {
-            args.append(Array("k".utf8))
-            args.append(key)
+        return try await transportCall {
+            let count = try await partitionCount(of: topic)
+            let p = try partitioning.resolve(key: record.key, partitionCount: count)
+            var args: [[UInt8]] = [Array("p".utf8), record.payload]
+            if let key = record.key {
+                args.append(Array("k".utf8))
+                args.append(key)
+            }
+            for (name, value) in record.headers.sorted(by: { $0.key < $1.key }) {
+                args.append(Array("h:\(name)".utf8))
+                args.append(Array(value.utf8))
+            }
+            let keys = [topicKey(topic, "\(p.rawValue):seq"), topicKey(topic, "\(p.rawValue)")]
+            let reply = try await client.command([Array("EVAL".utf8), StreamScripts.publish.body, [UInt8(ascii: "2")]] + keys + args)
+            let offset = try ReplyDecoding.int64(reply, "publish")
+            guard offset >= 0 else { throw ReplyDecoding.unexpected("publish", reply) }
+            return RecordPosition(partition: p, offset: Offset(offset))
         }
-        for (name, value) in record.headers.sorted(by: { $0.key < $1.key }) {
-            args.append(Array("h:\(name)".utf8))
-            args.append(Array(value.utf8))
+    }
+
+    /// A random id for a new topic: fencing scopes name it, so a topic deleted and created
+    /// again (its epoch counters gone) never meets the epochs a durable store saw before.
+    static func newIncarnation() -> String {
+        var g = SystemRandomNumberGenerator()
+        return String(g.next() as UInt64, radix: 16)
+    }
+
+    /// The topic's incarnation id (created for topics made before ids existed).
+    func incarnation(of topic: String) async throws -> String {
+        let replies = try await client.pipeline([
+            [Array("SET".utf8), topicKey(topic, "id"), Array(Self.newIncarnation().utf8), Array("NX".utf8)],
+            [Array("GET".utf8), topicKey(topic, "id")],
+        ])
+        return try ReplyDecoding.text(replies[1], "topic id")
+    }
+
+    /// Runs a transport operation; a Redis that cannot be reached (or answers nonsense) is
+    /// ``ExactlyOnceError/Code/transportUnavailable`` here, a refusal ``ExactlyOnceError/Code/transportFailure``.
+    func transportCall<T>(_ body: () async throws -> T) async throws -> T {
+        do {
+            return try await body()
+        } catch let e as ExactlyOnceError where e.code == .storeUnavailable {
+            throw ExactlyOnceError(.transportUnavailable, e.message, cause: e.cause)
+        } catch let e as ExactlyOnceError where e.code == .storeFailure {
+            throw ExactlyOnceError(.transportFailure, e.message, cause: e.cause)
         }
-        let keys = [topicKey(topic, "\(p.rawValue):seq"), topicKey(topic, "\(p.rawValue)")]
-        let reply = try await client.command([Array("EVAL".utf8), StreamScripts.publish.body, [UInt8(ascii: "2")]] + keys + args)
-        let offset = try ReplyDecoding.int64(reply, "publish")
-        guard offset >= 0 else { throw ReplyDecoding.unexpected("publish", reply) }
-        return RecordPosition(partition: p, offset: Offset(offset))
+    }
+
+    /// Committed offset, end offset, lag, owner and epoch of every partition (reads Redis only).
+    public func partitionStatus(group: String, topic: String) async throws -> [PartitionStatus] {
+        return try await transportCall {
+            let count = try await partitionCount(of: topic)
+            let base = "\(configuration.keyPrefix)g:\(group):\(topic):"
+            var commands: [[[UInt8]]] = []
+            for p in 0..<count {
+                let field = Array(String(p).utf8)
+                commands.append([Array("GET".utf8), topicKey(topic, "\(p):seq")])
+                commands.append([Array("HGET".utf8), Array((base + "committed").utf8), field])
+                commands.append([Array("HGET".utf8), Array((base + "owners").utf8), field])
+                commands.append([Array("HGET".utf8), Array((base + "epochs").utf8), field])
+            }
+            let replies = try await client.pipeline(commands)
+            return try (0..<count).map { p in
+                let end = replies[4 * p] == .null ? 0 : try ReplyDecoding.int64(replies[4 * p], "end offset")
+                let committed: Offset? = replies[4 * p + 1] == .null ? nil : Offset(try ReplyDecoding.int64(replies[4 * p + 1], "committed offset"))
+                let owner: String? = replies[4 * p + 2] == .null ? nil : try ReplyDecoding.text(replies[4 * p + 2], "owner")
+                let epoch: UInt64? = owner == nil || replies[4 * p + 3] == .null ? nil : try ReplyDecoding.uint64(replies[4 * p + 3], "epoch")
+                guard end >= 0, (committed?.rawValue ?? 0) >= 0 else { throw ReplyDecoding.unexpected("partition status", replies[4 * p]) }
+                return PartitionStatus(partition: PartitionID(p), committed: committed, end: Offset(end),
+                                       lag: max(0, end - (committed?.rawValue ?? 0)), owner: owner, epoch: epoch)
+            }
+        }
+    }
+
+    /// Records of one partition from `offset` on (`XRANGE`), outside any group.
+    public func read(topic: String, partition: PartitionID, from offset: Offset, maxRecords: Int) async throws -> [ConsumedRecord] {
+        return try await transportCall {
+            let count = try await partitionCount(of: topic)
+            guard partition.rawValue >= 0, partition.rawValue < count else {
+                throw ExactlyOnceError(.invalidPartition, "partition \(partition) is outside 0..<\(count)")
+            }
+            guard maxRecords > 0 else { return [] }
+            let reply = try await client.command([Array("XRANGE".utf8), topicKey(topic, "\(partition.rawValue)"),
+                                                  RedisStreamsSubscription.entryID(max(0, offset.rawValue)), Array("+".utf8),
+                                                  Array("COUNT".utf8), Array(String(maxRecords).utf8)])
+            return try RedisStreamsSubscription.decodeEntries(reply, "XRANGE", topic: topic, partition: partition)
+                .filter { $0.offset >= offset }
+        }
     }
 
     /// Whether `group` has committed every partition of `topic` to its end (no lag), for
     /// operations and tests. Reads Redis only; does not join the group.
     public func isFullyCommitted(group: String, topic: String) async throws -> Bool {
-        let count = try await partitionCount(of: topic)
-        let committedKey = Array("\(configuration.keyPrefix)g:\(group):\(topic):committed".utf8)
-        var commands: [[[UInt8]]] = []
-        for p in 0..<count {
-            commands.append([Array("GET".utf8), topicKey(topic, "\(p):seq")])
-            commands.append([Array("HGET".utf8), committedKey, Array(String(p).utf8)])
+        return try await transportCall {
+            let count = try await partitionCount(of: topic)
+            let committedKey = Array("\(configuration.keyPrefix)g:\(group):\(topic):committed".utf8)
+            var commands: [[[UInt8]]] = []
+            for p in 0..<count {
+                commands.append([Array("GET".utf8), topicKey(topic, "\(p):seq")])
+                commands.append([Array("HGET".utf8), committedKey, Array(String(p).utf8)])
+            }
+            let replies = try await client.pipeline(commands)
+            for p in 0..<count {
+                let end = replies[2 * p] == .null ? 0 : try ReplyDecoding.int64(replies[2 * p], "end offset")
+                let committed = replies[2 * p + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * p + 1], "committed offset")
+                if committed < end { return false }
+            }
+            return true
         }
-        let replies = try await client.pipeline(commands)
-        for p in 0..<count {
-            let end = replies[2 * p] == .null ? 0 : try ReplyDecoding.int64(replies[2 * p], "end offset")
-            let committed = replies[2 * p + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * p + 1], "committed offset")
-            if committed < end { return false }
-        }
-        return true
     }
 
     /// The number of entries of `topic` delivered to `group` and not acknowledged yet (the sum of
     /// `XPENDING` over the partition streams), for operations and tests. Entries are acknowledged
     /// when a commit passes them. Reads Redis only; does not join the group.
     public func pendingCount(group: String, topic: String) async throws -> Int {
-        let count = try await partitionCount(of: topic)
-        let replies = try await client.pipeline((0..<count).map { p in
-            [Array("XPENDING".utf8), topicKey(topic, "\(p)"), Array(group.utf8)]
-        })
-        var total = 0
-        for reply in replies {
-            if let e = reply.errorText, e.hasPrefix("NOGROUP") { continue }
-            let summary = try ReplyDecoding.array(reply, "XPENDING", atLeast: 1)
-            total += try ReplyDecoding.count(summary[0], "XPENDING count")
+        return try await transportCall {
+            let count = try await partitionCount(of: topic)
+            let replies = try await client.pipeline((0..<count).map { p in
+                [Array("XPENDING".utf8), topicKey(topic, "\(p)"), Array(group.utf8)]
+            })
+            var total = 0
+            for reply in replies {
+                if let e = reply.errorText, e.hasPrefix("NOGROUP") { continue }
+                let summary = try ReplyDecoding.array(reply, "XPENDING", atLeast: 1)
+                total += try ReplyDecoding.count(summary[0], "XPENDING count")
+            }
+            return total
         }
-        return total
     }
 
     /// Joins `group` on `topic` as `memberID` (the group rebalances at once). Creates the Redis
     /// consumer group `group` on every partition stream (`XGROUP CREATE ... 0 MKSTREAM`) unless
     /// it exists.
     public func subscribe(topic: String, group: String, memberID: String) async throws -> RedisStreamsSubscription {
-        let count = try await partitionCount(of: topic)
-        let subscription = RedisStreamsSubscription(transport: self, topic: topic, group: group, memberID: memberID, partitions: count)
-        try await subscription.createGroups((0..<count).map { PartitionID($0) })
-        _ = try await subscription.heartbeat(leaving: false)
-        return subscription
+        return try await transportCall {
+            let count = try await partitionCount(of: topic)
+            let scope = "redis:\(configuration.keyPrefix)\(try await incarnation(of: topic))/\(group)/\(topic)"
+            let subscription = RedisStreamsSubscription(transport: self, topic: topic, group: group, memberID: memberID, partitions: count, fencingScope: scope)
+            try await subscription.createGroups((0..<count).map { PartitionID($0) })
+            _ = try await subscription.heartbeat(leaving: false)
+            return subscription
+        }
     }
 }
 
@@ -163,6 +246,9 @@ public final class RedisStreamsTransport: MessageTransport {
 public final class RedisStreamsSubscription: TransportSubscription {
     /// The member id (also the Redis consumer name).
     public let memberID: String
+    /// `redis:<key prefix><topic incarnation>/<group>/<topic>`: epochs come from the group's
+    /// counter in Redis, which lives as long as the topic's keys.
+    public let fencingScope: String
     private let transport: RedisStreamsTransport
     private let topic: String
     private let group: String
@@ -186,8 +272,9 @@ public final class RedisStreamsSubscription: TransportSubscription {
     }
     private let state = Mutex(State())
 
-    init(transport: RedisStreamsTransport, topic: String, group: String, memberID: String, partitions: Int) {
+    init(transport: RedisStreamsTransport, topic: String, group: String, memberID: String, partitions: Int, fencingScope: String) {
         self.transport = transport
+        self.fencingScope = fencingScope
         self.topic = topic
         self.group = group
         self.memberID = memberID
@@ -246,114 +333,130 @@ public final class RedisStreamsSubscription: TransportSubscription {
     }
 
     /// Heartbeats, takes the current assignment, and reads up to `maxRecords` records.
-    public func poll(maxRecords: Int) async throws -> PollResult {
-        try ensureOpen()
-        let (generation, assignment) = try await heartbeat(leaving: false)
-        // Newly assigned partitions (or ones that came back with a new epoch) start from the
-        // committed offset; the group's last-delivered ID tells how far they must catch up.
-        let fresh = state.withLock { s in assignment.filter { s.assignment[$0.key] != $0.value }.map(\.key) }.sorted()
-        var acquired: [PartitionID: PartitionState] = [:]
-        if !fresh.isEmpty {
+    public func poll(maxRecords: Int, maxWait: Duration) async throws -> PollResult {
+        let clock = ContinuousClock()
+        let deadline = clock.now.advanced(by: maxWait)
+        while true {
+            let result = try await pollOnce(maxRecords: maxRecords)
+            if !result.records.isEmpty || clock.now >= deadline { return result }
+            try await Task.sleep(for: min(.milliseconds(20), deadline - clock.now))
+        }
+    }
+
+    private func transportCall<T>(_ body: () async throws -> T) async throws -> T {
+        try await transport.transportCall(body)
+    }
+
+    private func pollOnce(maxRecords: Int) async throws -> PollResult {
+        return try await transportCall {
+            try ensureOpen()
+            let (generation, assignment) = try await heartbeat(leaving: false)
+            // Newly assigned partitions (or ones that came back with a new epoch) start from the
+            // committed offset; the group's last-delivered ID tells how far they must catch up.
+            let fresh = state.withLock { s in assignment.filter { s.assignment[$0.key] != $0.value }.map(\.key) }.sorted()
+            var acquired: [PartitionID: PartitionState] = [:]
+            if !fresh.isEmpty {
+                var commands: [[[UInt8]]] = []
+                for p in fresh {
+                    commands.append(createGroupCommand(p))
+                    commands.append([Array("HGET".utf8), committedKey, Array(String(p.rawValue).utf8)])
+                    commands.append([Array("XINFO".utf8), Array("GROUPS".utf8), streamKey(p)])
+                }
+                let replies = try await transport.client.pipeline(commands)
+                for (i, p) in fresh.enumerated() {
+                    try Self.checkCreateGroup(replies[3 * i])
+                    let committed = replies[3 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[3 * i + 1], "committed offset")
+                    let delivered = try Self.lastDelivered(replies[3 * i + 2], group: group)
+                    acquired[p] = PartitionState(position: Offset(committed), delivered: delivered)
+                }
+            }
+            let current: [PartitionID: PartitionState] = state.withLock { s in
+                s.assignment = assignment
+                s.partitions = s.partitions.filter { assignment[$0.key] != nil }
+                for (p, ps) in acquired { s.partitions[p] = ps }
+                return s.partitions
+            }
+            let owned = current.keys.sorted()
+            let perPartition = max(1, maxRecords / max(1, owned.count))
+            let count = [Array("COUNT".utf8), Array(String(perPartition).utf8)]
+
+            // Round 1: catch up with XAUTOCLAIM below the group's delivered point, XREADGROUP after it.
             var commands: [[[UInt8]]] = []
-            for p in fresh {
-                commands.append(createGroupCommand(p))
-                commands.append([Array("HGET".utf8), committedKey, Array(String(p.rawValue).utf8)])
-                commands.append([Array("XINFO".utf8), Array("GROUPS".utf8), streamKey(p)])
+            for p in owned {
+                let ps = current[p]!
+                if ps.position.rawValue < ps.delivered {
+                    commands.append([Array("XAUTOCLAIM".utf8), streamKey(p), Array(group.utf8), Array(memberID.utf8),
+                                     Array("0".utf8), Self.entryID(ps.position.rawValue)] + count)
+                } else {
+                    commands.append([Array("XREADGROUP".utf8), Array("GROUP".utf8), Array(group.utf8), Array(memberID.utf8)] + count
+                                    + [Array("STREAMS".utf8), streamKey(p), Array(">".utf8)])
+                }
+                commands.append([Array("GET".utf8), transport.topicKey(topic, "\(p.rawValue):seq")])
             }
             let replies = try await transport.client.pipeline(commands)
-            for (i, p) in fresh.enumerated() {
-                try Self.checkCreateGroup(replies[3 * i])
-                let committed = replies[3 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[3 * i + 1], "committed offset")
-                let delivered = try Self.lastDelivered(replies[3 * i + 2], group: group)
-                acquired[p] = PartitionState(position: Offset(committed), delivered: delivered)
-            }
-        }
-        let current: [PartitionID: PartitionState] = state.withLock { s in
-            s.assignment = assignment
-            s.partitions = s.partitions.filter { assignment[$0.key] != nil }
-            for (p, ps) in acquired { s.partitions[p] = ps }
-            return s.partitions
-        }
-        let owned = current.keys.sorted()
-        let perPartition = max(1, maxRecords / max(1, owned.count))
-        let count = [Array("COUNT".utf8), Array(String(perPartition).utf8)]
-
-        // Round 1: catch up with XAUTOCLAIM below the group's delivered point, XREADGROUP after it.
-        var commands: [[[UInt8]]] = []
-        for p in owned {
-            let ps = current[p]!
-            if ps.position.rawValue < ps.delivered {
-                commands.append([Array("XAUTOCLAIM".utf8), streamKey(p), Array(group.utf8), Array(memberID.utf8),
-                                 Array("0".utf8), Self.entryID(ps.position.rawValue)] + count)
-            } else {
-                commands.append([Array("XREADGROUP".utf8), Array("GROUP".utf8), Array(group.utf8), Array(memberID.utf8)] + count
-                                + [Array("STREAMS".utf8), streamKey(p), Array(">".utf8)])
-            }
-            commands.append([Array("GET".utf8), transport.topicKey(topic, "\(p.rawValue):seq")])
-        }
-        let replies = try await transport.client.pipeline(commands)
-        var read: [PartitionID: [ConsumedRecord]] = [:]
-        var next = current
-        var needsRange: [PartitionID] = []
-        var endOffsets: [PartitionID: Offset] = [:]
-        for (i, p) in owned.enumerated() {
-            var ps = current[p]!
-            if ps.position.rawValue < ps.delivered {
-                let entries = try Self.decodeAutoClaim(replies[2 * i], topic: topic, partition: p)
-                if let last = entries.last { ps.delivered = max(ps.delivered, last.offset.rawValue + 1) }
-                // The pending entries from the position on, as long as they follow it without a gap.
-                var run: [ConsumedRecord] = []
-                for r in entries where r.offset >= ps.position {
-                    guard r.offset == ps.position else { break }
-                    run.append(r)
-                    ps.position = r.offset.next
-                }
-                if run.isEmpty { needsRange.append(p) }
-                read[p] = run
-            } else {
-                let entries = try Self.decodeReadGroup(replies[2 * i], topic: topic, partition: p)
-                if let first = entries.first, let last = entries.last {
-                    ps.delivered = max(ps.delivered, last.offset.rawValue + 1)
-                    if first.offset <= ps.position {
-                        // Entries below the position (after a seek forward) are skipped; they
-                        // stay pending until a commit acknowledges them.
-                        let run = entries.filter { $0.offset >= ps.position }
-                        if let end = run.last { ps.position = end.offset.next }
-                        read[p] = run
+            var read: [PartitionID: [ConsumedRecord]] = [:]
+            var next = current
+            var needsRange: [PartitionID] = []
+            var endOffsets: [PartitionID: Offset] = [:]
+            for (i, p) in owned.enumerated() {
+                var ps = current[p]!
+                if ps.position.rawValue < ps.delivered {
+                    let entries = try Self.decodeAutoClaim(replies[2 * i], topic: topic, partition: p)
+                    if let last = entries.last { ps.delivered = max(ps.delivered, last.offset.rawValue + 1) }
+                    // The pending entries from the position on, as long as they follow it without a gap.
+                    var run: [ConsumedRecord] = []
+                    for r in entries where r.offset >= ps.position {
+                        guard r.offset == ps.position else { break }
+                        run.append(r)
+                        ps.position = r.offset.next
                     }
-                    // Otherwise entries between the position and `first` went to another
-                    // consumer (a former owner still reading): the next poll catches up from
-                    // the position, these included.
+                    if run.isEmpty { needsRange.append(p) }
+                    read[p] = run
+                } else {
+                    let entries = try Self.decodeReadGroup(replies[2 * i], topic: topic, partition: p)
+                    if let first = entries.first, let last = entries.last {
+                        ps.delivered = max(ps.delivered, last.offset.rawValue + 1)
+                        if first.offset <= ps.position {
+                            // Entries below the position (after a seek forward) are skipped; they
+                            // stay pending until a commit acknowledges them.
+                            let run = entries.filter { $0.offset >= ps.position }
+                            if let end = run.last { ps.position = end.offset.next }
+                            read[p] = run
+                        }
+                        // Otherwise entries between the position and `first` went to another
+                        // consumer (a former owner still reading): the next poll catches up from
+                        // the position, these included.
+                    }
+                }
+                next[p] = ps
+                endOffsets[p] = Offset(replies[2 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * i + 1], "end offset"))
+            }
+
+            // Round 2: entries that are no longer pending (acknowledged: a seek below the committed
+            // offset, or a commit moved backwards) are read with XRANGE up to the delivered point.
+            if !needsRange.isEmpty {
+                let rangeReplies = try await transport.client.pipeline(needsRange.map { p in
+                    [Array("XRANGE".utf8), streamKey(p), Self.entryID(next[p]!.position.rawValue),
+                     Array("0-\(next[p]!.delivered)".utf8)] + count
+                })
+                for (p, reply) in zip(needsRange, rangeReplies) {
+                    var ps = next[p]!
+                    let entries = try ReplyDecoding.array(reply, "XRANGE").map { try Self.decodeEntry($0, topic: topic, partition: p) }
+                    let run = entries.filter { $0.offset >= ps.position && $0.offset.rawValue < ps.delivered }
+                    if let end = run.last { ps.position = end.offset.next }
+                    // Fewer than asked: nothing else exists below the delivered point (trimmed).
+                    if entries.count < perPartition { ps.position = Offset(max(ps.position.rawValue, ps.delivered)) }
+                    read[p] = run
+                    next[p] = ps
                 }
             }
-            next[p] = ps
-            endOffsets[p] = Offset(replies[2 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * i + 1], "end offset"))
-        }
 
-        // Round 2: entries that are no longer pending (acknowledged: a seek below the committed
-        // offset, or a commit moved backwards) are read with XRANGE up to the delivered point.
-        if !needsRange.isEmpty {
-            let rangeReplies = try await transport.client.pipeline(needsRange.map { p in
-                [Array("XRANGE".utf8), streamKey(p), Self.entryID(next[p]!.position.rawValue),
-                 Array("0-\(next[p]!.delivered)".utf8)] + count
-            })
-            for (p, reply) in zip(needsRange, rangeReplies) {
-                var ps = next[p]!
-                let entries = try ReplyDecoding.array(reply, "XRANGE").map { try Self.decodeEntry($0, topic: topic, partition: p) }
-                let run = entries.filter { $0.offset >= ps.position && $0.offset.rawValue < ps.delivered }
-                if let end = run.last { ps.position = end.offset.next }
-                // Fewer than asked: nothing else exists below the delivered point (trimmed).
-                if entries.count < perPartition { ps.position = Offset(max(ps.position.rawValue, ps.delivered)) }
-                read[p] = run
-                next[p] = ps
+            let records = owned.flatMap { read[$0] ?? [] }
+            state.withLock { s in
+                for (p, ps) in next where s.assignment[p] == assignment[p] && s.partitions[p] == current[p] { s.partitions[p] = ps }
             }
+            return PollResult(generation: generation, assignment: assignment, records: records, endOffsets: endOffsets)
         }
-
-        let records = owned.flatMap { read[$0] ?? [] }
-        state.withLock { s in
-            for (p, ps) in next where s.assignment[p] == assignment[p] && s.partitions[p] == current[p] { s.partitions[p] = ps }
-        }
-        return PollResult(generation: generation, assignment: assignment, records: records, endOffsets: endOffsets)
     }
 
     /// The stream entry ID of `offset`.
@@ -441,23 +544,25 @@ public final class RedisStreamsSubscription: TransportSubscription {
     /// script, or throws ``ExactlyOnceError/Code/staleGeneration`` and stores and acknowledges
     /// nothing.
     public func commit(_ offsets: [PartitionID: Offset], generation: UInt64) async throws {
-        if offsets.isEmpty { return }
-        var keys = [groupKeys[1], groupKeys[2], committedKey]
-        var args: [[UInt8]] = [Array(memberID.utf8), Array(String(generation).utf8), Array(group.utf8)]
-        for (p, o) in offsets.sorted(by: { $0.key < $1.key }) {
-            keys.append(streamKey(p))
-            args.append(Array(String(p.rawValue).utf8))
-            args.append(Array(String(o.rawValue).utf8))
-            // Exclusive upper bound of the IDs to acknowledge: the entry of offset `o` and later stay.
-            args.append(Array("(0-\(max(0, o.rawValue) + 1)".utf8))
-        }
-        let reply = try await transport.client.command([Array("EVAL".utf8), StreamScripts.commit.body, Array(String(keys.count).utf8)] + keys + args)
-        switch reply {
-        case .status("OK"): return
-        case .string(let b) where b == Array("STALE".utf8):
-            throw ExactlyOnceError(.staleGeneration, "member \(memberID) with generation \(generation) no longer owns the partitions it commits")
-        default:
-            throw ReplyDecoding.unexpected("commit", reply)
+        return try await transportCall {
+            if offsets.isEmpty { return }
+            var keys = [groupKeys[1], groupKeys[2], committedKey]
+            var args: [[UInt8]] = [Array(memberID.utf8), Array(String(generation).utf8), Array(group.utf8)]
+            for (p, o) in offsets.sorted(by: { $0.key < $1.key }) {
+                keys.append(streamKey(p))
+                args.append(Array(String(p.rawValue).utf8))
+                args.append(Array(String(o.rawValue).utf8))
+                // Exclusive upper bound of the IDs to acknowledge: the entry of offset `o` and later stay.
+                args.append(Array("(0-\(max(0, o.rawValue) + 1)".utf8))
+            }
+            let reply = try await transport.client.command([Array("EVAL".utf8), StreamScripts.commit.body, Array(String(keys.count).utf8)] + keys + args)
+            switch reply {
+            case .status("OK"): return
+            case .string(let b) where b == Array("STALE".utf8):
+                throw ExactlyOnceError(.staleGeneration, "member \(memberID) with generation \(generation) no longer owns the partitions it commits")
+            default:
+                throw ReplyDecoding.unexpected("commit", reply)
+            }
         }
     }
 
@@ -476,26 +581,30 @@ public final class RedisStreamsSubscription: TransportSubscription {
 
     /// The group's committed offset of `partition`, if any.
     public func committedOffset(_ partition: PartitionID) async throws -> Offset? {
-        let reply = try await transport.client.command([Array("HGET".utf8), committedKey, Array(String(partition.rawValue).utf8)])
-        return reply == .null ? nil : Offset(try ReplyDecoding.int64(reply, "committed offset"))
+        return try await transportCall {
+            let reply = try await transport.client.command([Array("HGET".utf8), committedKey, Array(String(partition.rawValue).utf8)])
+            return reply == .null ? nil : Offset(try ReplyDecoding.int64(reply, "committed offset"))
+        }
     }
 
     /// Leaves the group; its partitions move to the remaining members at once. The Redis
     /// consumer `memberID` stays in the Redis groups (its pending entries, if any, are claimed by
     /// the next owners).
     public func close() async throws {
-        let wasOpen = state.withLock { s in
-            defer { s.closed = true; s.assignment = [:]; s.partitions = [:] }
-            return !s.closed
+        return try await transportCall {
+            let wasOpen = state.withLock { s in
+                defer { s.closed = true; s.assignment = [:]; s.partitions = [:] }
+                return !s.closed
+            }
+            if wasOpen { _ = try await heartbeat(leaving: true) }
         }
-        if wasOpen { _ = try await heartbeat(leaving: true) }
     }
 }
 
 /// The transport's scripts (run with `EVAL`; they are small and called once per poll or publish).
 enum StreamScripts {
     /// KEYS: sequence counter, stream. ARGV: field/value pairs. Returns the new record's offset.
-    static let publish = RedisScript("""
+    static let publish = RedisScript("streams.publish", """
     local n = redis.call('INCR', KEYS[1])
     redis.call('XADD', KEYS[2], '0-' .. n, unpack(ARGV))
     return n - 1
@@ -504,7 +613,7 @@ enum StreamScripts {
     /// KEYS: members, generation, owners, owner epochs, epoch counter.
     /// ARGV: now, member, session end, partition count, leaving (1/0).
     /// Returns `{generation, {partition, epoch, ...}}` for this member.
-    static let heartbeat = RedisScript("""
+    static let heartbeat = RedisScript("streams.heartbeat", """
     local now = tonumber(ARGV[1])
     local me = ARGV[2]
     local changed = false
@@ -556,7 +665,7 @@ enum StreamScripts {
     /// ID range, then `XACK`, in chunks), so a commit also settles entries delivered below the
     /// position after a seek forward. A group missing on a stream (deleted stream) has nothing
     /// pending: its error is ignored before anything is written.
-    static let commit = RedisScript("""
+    static let commit = RedisScript("streams.commit", """
     if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[2] then return 'STALE' end
     for i = 4, #ARGV, 3 do
       if redis.call('HGET', KEYS[2], ARGV[i]) ~= ARGV[1] then return 'STALE' end

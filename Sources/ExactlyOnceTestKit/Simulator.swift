@@ -34,6 +34,8 @@ public struct SimulationConfiguration: Sendable {
     public var maxTicks = 4_000
     /// Steps allowed to drain after the fault phase. Default: 4,000.
     public var maxDrainSteps = 4_000
+    /// The consumers' ordering mode. Default: ``Ordering/partition``.
+    public var ordering: Ordering = .partition
     /// Creates a configuration.
     public init(seed: UInt64) { self.seed = seed }
 }
@@ -123,7 +125,7 @@ public final class Simulator<Store: DedupeStore> {
     func pick(_ n: Int) -> Int { shared.rng.withLock { Int($0.next() % UInt64(max(1, n))) } }
 
     private var keyFor: KeyExtractor!
-    private var handler: RecordHandler!
+    private var handler: RecordHandler<Store.Transaction>!
 
     /// Runs the simulation and returns its report and the (unwrapped) store.
     /// - Parameters:
@@ -133,7 +135,7 @@ public final class Simulator<Store: DedupeStore> {
     ///   - key: the key extractor.
     ///   - handler: your handler.
     public func run(records: [OutgoingRecord], partitioning: Partitioning, makeStore: (ManualClock) async throws -> Store,
-                    key: @escaping KeyExtractor, handler: @escaping RecordHandler) async throws -> (SimulationReport, Store) {
+                    key: @escaping KeyExtractor, handler: @escaping RecordHandler<Store.Transaction>) async throws -> (SimulationReport, Store) {
         let base = try await makeStore(clock)
         let rate = configuration.storeFaultRate
         store = FaultyStore(base) { [shared] op in
@@ -151,6 +153,9 @@ public final class Simulator<Store: DedupeStore> {
         var tick = 0
         while tick < configuration.maxTicks && (published < records.count || !transport.isFullyCommitted(group: group, topic: topic)) {
             tick += 1
+            // The in-memory transport and store never suspend: yield now and then so a long run
+            // does not hold a thread of the cooperative pool from everything else.
+            if tick % 128 == 0 { await Task.yield() }
             if published < records.count && chance(0.3) {
                 for _ in 0..<configuration.publishChunk where published < records.count {
                     _ = try transport.publishSync(records[published], to: topic, partitioning: partitioning)
@@ -189,6 +194,7 @@ public final class Simulator<Store: DedupeStore> {
             if members.isEmpty { try await addMember() }
             try await stepMember(at: steps % members.count)
             steps += 1
+            if steps % 128 == 0 { await Task.yield() }
             if steps % 50 == 0 { clock.advance(by: .seconds(5)) }  // let abandoned leases lapse
         }
         report.drained = transport.isFullyCommitted(group: group, topic: topic)
@@ -209,6 +215,8 @@ public final class Simulator<Store: DedupeStore> {
         cc.unavailableBackoff = .none
         cc.completionRetries = 1
         cc.concurrentLanes = false
+        cc.pollWait = .zero
+        cc.ordering = configuration.ordering
         cc.deadLetterTopic = "sim.dlq"
         let consumer = try ExactlyOnceConsumer(
             transport: transport, store: store!, configuration: cc, logger: Logger(label: "sim", factory: { _ in SwiftLogNoOpLogHandler() }),

@@ -16,8 +16,13 @@ public enum StoreConformance {
     public static let checks = [
         "new-then-in-progress", "complete-then-replay", "negative-outcome-replay", "conflict",
         "release-keeps-attempts", "lease-expiry-takeover", "zombie-refused", "idempotent-complete",
-        "effects-atomic", "transaction-conflict", "partition-fence", "batch-order", "records", "prefetch-charges-first-grant",
+        "effects-atomic", "transaction-conflict", "partition-fence", "fence-scopes-independent", "batch-order", "records",
+        "prefetch-charges-first-grant", "batch-completion-prefix", "reopen-dead-lettered", "list-records",
     ]
+
+    /// The checks of a store's ``CompletionBatch`` for key-value stores (run by
+    /// ``run(makeStore:)`` when the store's transaction is ``EffectTransaction``).
+    public static let batchChecks = ["batch-perform-commit", "batch-discard", "batch-overlay"]
 
     /// Runs every check against fresh stores from `makeStore`.
     public static func run<S: DedupeStore>(makeStore: (ManualClock) async throws -> S) async throws {
@@ -25,6 +30,86 @@ public enum StoreConformance {
             let clock = ManualClock()
             let store = try await makeStore(clock)
             try await run(check, store: store, clock: clock)
+        }
+    }
+
+    /// Runs every check, and the ``batchChecks`` of the store's key-value completion batch.
+    public static func run<S: DedupeStore>(makeStore: (ManualClock) async throws -> S) async throws where S.Transaction == EffectTransaction {
+        for check in checks {
+            let clock = ManualClock()
+            try await run(check, store: try await makeStore(clock), clock: clock)
+        }
+        for check in batchChecks {
+            let clock = ManualClock()
+            try await runBatch(check, store: try await makeStore(clock), clock: clock)
+        }
+    }
+
+    static func runBatch<S: DedupeStore>(_ check: String, store: S, clock: ManualClock) async throws where S.Transaction == EffectTransaction {
+        let options = CompletionBatchOptions(limit: 8, unknownOutcomeRetries: 0, backoff: .none)
+        switch check {
+        case "batch-perform-commit":
+            var batch = store.makeCompletionBatch(options)
+            let a = try await claimNew(store, key("a"), check: check)
+            let b = try await claimNew(store, key("b"), check: check)
+            let o = try await batch.perform(a) { tx in
+                tx.setInt("n", 1)
+                return .applied("one")
+            }
+            try require(o == .applied("one"), check, "perform returns the handler's outcome")
+            try await batch.stage(b, outcome: Outcome(status: .deadLettered))
+            try require(batch.count == 2, check, "two completions staged, got \(batch.count)")
+            let before = try await store.readState("n")
+            try require(before.value == nil, check, "nothing is written before commit")
+            let r = try await batch.commit()
+            try require(r.applied == 2 && r.failure == nil, check, "commit applies both, got \(r.applied) \(String(describing: r.failure))")
+            try require(batch.count == 0, check, "a committed batch is empty")
+            let n = try await store.readState("n")
+            try require(n.value == Array("1".utf8), check, "the effect is written with the completion")
+            let again = try await store.claim([ClaimRequest(key: key("a"), fingerprint: fp1, lease: lease), ClaimRequest(key: key("b"), fingerprint: fp1, lease: lease)])
+            try require(again == [.completed(.applied("one")), .completed(Outcome(status: .deadLettered))], check, "both completed, got \(again)")
+
+        case "batch-discard":
+            var batch = store.makeCompletionBatch(options)
+            let a = try await claimNew(store, key("a"), check: check)
+            _ = try await batch.perform(a) { tx in
+                tx.setInt("n", 1)
+                return .applied()
+            }
+            await batch.discard()
+            let r = try await batch.commit()
+            try require(r.applied == 0, check, "a discarded batch commits nothing")
+            try require(try await store.readState("n").value == nil, check, "a discarded effect is not written")
+            do {
+                _ = try await batch.perform(a) { tx in
+                    tx.setInt("n", 2)
+                    throw ConformanceBoom()
+                }
+                throw ConformanceFailure(check: check, detail: "perform must rethrow the handler's error")
+            } catch is ConformanceBoom {}
+            try require(batch.count == 0, check, "a failed handler stages nothing")
+
+        case "batch-overlay":
+            // A later handler in the batch sees the staged writes of earlier ones.
+            var batch = store.makeCompletionBatch(options)
+            let a = try await claimNew(store, key("a"), check: check)
+            let b = try await claimNew(store, key("b"), check: check)
+            _ = try await batch.perform(a) { tx in
+                let n = try await tx.getInt("n") ?? 0
+                tx.setInt("n", n + 1)
+                return .applied()
+            }
+            _ = try await batch.perform(b) { tx in
+                let n = try await tx.getInt("n") ?? 0
+                tx.setInt("n", n + 1)
+                return .applied()
+            }
+            let r = try await batch.commit()
+            try require(r.applied == 2, check, "both applied, got \(r.applied) \(String(describing: r.failure))")
+            try require(try await store.readState("n").value == Array("2".utf8), check, "the second handler saw the first one's write")
+
+        default:
+            throw ConformanceFailure(check: check, detail: "unknown check")
         }
     }
 
@@ -144,6 +229,87 @@ public enum StoreConformance {
             _ = try await claimNew(store, key("c"), fence: PartitionFence(scope: "g/t/1", epoch: 1), check: check)
             try await store.complete(Completion(claim: new, outcome: .applied()))
 
+        case "fence-scopes-independent":
+            // A high epoch seen in one scope (another transport, topic or group) never fences
+            // another scope, even with low epochs.
+            let high = PartitionFence(scope: "redis:a/g/t/0", epoch: 1_000_000)
+            let low = PartitionFence(scope: "kafka:b/g/t/0", epoch: 1)
+            let c1 = try await claimNew(store, key("a"), fence: high, check: check)
+            try await store.complete(Completion(claim: c1, outcome: .applied()))
+            let c2 = try await claimNew(store, key("b"), fence: low, check: check)
+            try await store.complete(Completion(claim: c2, outcome: .applied()))
+            // A key held under another scope is not taken over by a fence of this one.
+            let c3 = try await claimNew(store, key("c"), fence: high, check: check)
+            let r = try await store.claim(ClaimRequest(key: key("c"), fingerprint: fp1, lease: lease, fence: low))
+            guard case .inProgress = r else { throw ConformanceFailure(check: check, detail: "another scope's in-progress key must stay held, got \(r)") }
+            try await store.complete(Completion(claim: c3, outcome: .applied()))
+
+        case "batch-completion-prefix":
+            // All or a prefix: completions after a refused one are not applied.
+            let stale = try await claimNew(store, key("b"), check: check)
+            clock.advance(by: .seconds(11))
+            _ = try await claimNew(store, key("b"), check: check)  // supersedes the stale claim
+            let first = try await claimNew(store, key("a"), check: check)
+            let third = try await claimNew(store, key("c"), check: check)
+            let r = try await store.complete([
+                Completion(claim: first, outcome: .applied("1"), effects: EffectWrites(reads: [:], writes: ["p1": [1]])),
+                Completion(claim: stale, outcome: .applied("2"), effects: EffectWrites(reads: [:], writes: ["p2": [2]])),
+                Completion(claim: third, outcome: .applied("3"), effects: EffectWrites(reads: [:], writes: ["p3": [3]])),
+            ])
+            try require(r.applied == 1, check, "a refused completion stops the batch: applied \(r.applied), expected 1")
+            try require(r.failure?.code == .fenced, check, "the stale completion is fenced, got \(String(describing: r.failure))")
+            let st = try await store.readState(["p1", "p2", "p3"])
+            try require(st["p1"]?.value == [1] && st["p2"]?.value == nil && st["p3"]?.value == nil, check, "only the prefix is written")
+            let recs = try await store.records(for: [key("c")])
+            try require(recs[key("c")]?.phase == .inProgress, check, "completions after the refused one stay in progress")
+
+        case "reopen-dead-lettered":
+            let a = try await claimNew(store, key("a"), check: check)
+            try await store.complete(Completion(claim: a, outcome: Outcome(status: .deadLettered, detail: Array("gave up".utf8))))
+            try require(try await store.reopenDeadLettered(key("a")), check, "a dead-lettered key reopens")
+            let again = try await claimNew(store, key("a"), check: check)
+            try require(again.attempt == 1, check, "a reopened key starts its attempts again, got \(again.attempt)")
+            try await store.complete(Completion(claim: again, outcome: .applied("fixed")))
+            try require(try await store.reopenDeadLettered(key("a")) == false, check, "an applied key does not reopen")
+            let replay = try await store.claim(ClaimRequest(key: key("a"), fingerprint: fp1, lease: lease))
+            try require(replay == .completed(.applied("fixed")), check, "after replay the key answers its new outcome, got \(replay)")
+            try require(try await store.reopenDeadLettered(key("absent")) == false, check, "an absent key does not reopen")
+            let b = try await claimNew(store, key("b"), check: check)
+            try require(try await store.reopenDeadLettered(key("b")) == false, check, "an in-progress key does not reopen")
+            try await store.complete(Completion(claim: b, outcome: .rejected("sold out")))
+            try require(try await store.reopenDeadLettered(key("b")) == false, check, "a rejected key does not reopen")
+
+        case "list-records":
+            for i in 0..<5 {
+                let c = try await claimNew(store, key("done\(i)"), check: check)
+                try await store.complete(Completion(claim: c, outcome: .applied()))
+            }
+            let busy = try await claimNew(store, key("busy"), check: check)
+            let failed = try await claimNew(store, key("failed"), check: check)
+            try await store.release(failed, reason: "handler threw: out of paper")
+            _ = busy
+            var q = RecordQuery(phase: .completed, limit: 2)
+            var seen: [IdempotencyKey] = []
+            var pages = 0
+            while true {
+                let page = try await store.listRecords(q)
+                pages += 1
+                try require(page.records.count <= 2, check, "a page holds at most its limit")
+                seen += page.records.map(\.key)
+                guard let next = page.nextCursor, pages < 10 else { break }
+                q.cursor = next
+            }
+            try require(Set(seen) == Set((0..<5).map { key("done\($0)") }) && seen.count == 5, check, "paging returns each completed record once, got \(seen)")
+            let inProgress = try await store.listRecords(RecordQuery(phase: .inProgress)).records.map(\.key)
+            try require(inProgress == [key("busy")], check, "by phase inProgress: \(inProgress)")
+            var byFailure = RecordQuery()
+            byFailure.failureContains = "paper"
+            let failures = try await store.listRecords(byFailure).records
+            try require(failures.map(\.key) == [key("failed")] && failures.first?.lastFailure?.contains("out of paper") == true, check, "by last failure: \(failures.map(\.key))")
+            var bad = RecordQuery()
+            bad.limit = 0
+            try await requireThrows("invalidConfiguration", check) { _ = try await store.listRecords(bad) }
+
         case "batch-order":
             let done = try await claimNew(store, key("done"), check: check)
             try await store.complete(Completion(claim: done, outcome: .applied("d")))
@@ -194,3 +360,6 @@ public enum StoreConformance {
         }
     }
 }
+
+/// The error a conformance check's handler throws on purpose.
+struct ConformanceBoom: Error {}

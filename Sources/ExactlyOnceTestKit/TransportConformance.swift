@@ -8,7 +8,10 @@ import ExactlyOnce
 /// `partitions` partitions and holds no records or groups. Each check gets a fresh one.
 public enum TransportConformance {
     /// The names of all checks, in the order they run.
-    public static let checks = ["publish-positions", "single-member-reads-all", "resume-from-commit", "split-and-epochs", "stale-commit-refused", "seek-rereads"]
+    public static let checks = [
+        "publish-positions", "batch-publish", "unknown-topic", "single-member-reads-all", "resume-from-commit", "split-and-epochs",
+        "stale-commit-refused", "seek-rereads", "poll-waits", "partition-status", "read-outside-group", "fencing-scope",
+    ]
 
     /// Runs every check.
     public static func run<T: MessageTransport>(makeTransport: (String, Int) async throws -> T) async throws {
@@ -28,7 +31,7 @@ public enum TransportConformance {
         var last: PollResult?
         var polls = 0
         while out.count < count && polls < maxPolls {
-            let r = try await sub.poll(maxRecords: 100)
+            let r = try await sub.poll(maxRecords: 100, maxWait: .milliseconds(20))
             out += r.records
             last = r
             polls += 1
@@ -56,6 +59,112 @@ public enum TransportConformance {
             } catch let e as ExactlyOnceError {
                 try require(e.code == .invalidPartition, check, "out-of-range partition should be invalidPartition, got \(e)")
             }
+
+        case "batch-publish":
+            let batch = (0..<40).map { rec("b\($0)", key: "\($0 % 5)") }
+            let report = try await transport.publish(batch, to: topic, partitioning: .modulo)
+            try require(report.allAccepted && report.positions.count == 40, check, "every record of a batch is accepted: \(report.acceptedCount)/40, \(String(describing: report.failure))")
+            var last: [PartitionID: Offset] = [:]
+            for (i, pos) in report.positions.enumerated() {
+                guard let pos else { continue }
+                try require(pos.partition == PartitionID((i % 5) % 3), check, "batch record \(i) in partition \(pos.partition)")
+                if let prev = last[pos.partition] { try require(pos.offset > prev, check, "offsets grow within a partition in batch order") }
+                last[pos.partition] = pos.offset
+            }
+            let sub = try await transport.subscribe(topic: topic, group: "g", memberID: "m1")
+            let (got, _) = try await drain(sub, count: 40)
+            for p in 0..<3 {
+                let payloads = got.filter { $0.partition == PartitionID(p) }.map { String(decoding: $0.payload, as: UTF8.self) }
+                let expected = (0..<40).filter { ($0 % 5) % 3 == p }.map { "b\($0)" }
+                try require(payloads == expected, check, "partition \(p) holds the batch in order: \(payloads)")
+            }
+            try await sub.close()
+            // A batch with a record that cannot be partitioned is refused whole, before anything is sent.
+            let ends = try await transport.partitionStatus(group: "g", topic: topic).map(\.end)
+            do {
+                _ = try await transport.publish([rec("ok", key: "1"), rec("no key")], to: topic, partitioning: .modulo)
+                throw ConformanceFailure(check: check, detail: "a batch with an unpartitionable record must be refused")
+            } catch let e as ExactlyOnceError {
+                try require(e.code == .invalidKey, check, "expected invalidKey, got \(e)")
+            }
+            let after = try await transport.partitionStatus(group: "g", topic: topic).map(\.end)
+            try require(after == ends, check, "a refused batch publishes nothing: \(ends) -> \(after)")
+
+        case "unknown-topic":
+            for attempt in ["partitionCount", "publish", "subscribe"] {
+                do {
+                    switch attempt {
+                    case "partitionCount": _ = try await transport.partitionCount(of: topic + "-missing")
+                    case "publish": _ = try await transport.publish(rec("x"), to: topic + "-missing", partitioning: .explicit(0))
+                    default: _ = try await transport.subscribe(topic: topic + "-missing", group: "g", memberID: "m")
+                    }
+                    throw ConformanceFailure(check: check, detail: "\(attempt) on a missing topic must fail")
+                } catch let e as ExactlyOnceError {
+                    try require(e.code == .unknownTopic && !e.isRetriable, check, "\(attempt): expected unknownTopic (not retriable), got \(e)")
+                }
+            }
+
+        case "poll-waits":
+            let sub = try await transport.subscribe(topic: topic, group: "g", memberID: "m1")
+            for _ in 0..<50 {
+                let r = try await sub.poll(maxRecords: 10, maxWait: .milliseconds(20))
+                if r.assignment.count == 3 { break }
+            }
+            // Nothing to read: the poll waits (about) its maxWait and returns empty.
+            let clock = ContinuousClock()
+            let t0 = clock.now
+            let empty = try await sub.poll(maxRecords: 10, maxWait: .milliseconds(300))
+            let waited = clock.now - t0
+            try require(empty.records.isEmpty, check, "nothing was published")
+            try require(waited >= .milliseconds(150), check, "an empty poll waits for records up to maxWait (returned after \(waited))")
+            // A record published during the wait ends it early.
+            let waiting = Task { () -> (Int, Duration) in
+                let start = clock.now
+                var n = 0
+                while n == 0 && clock.now - start < .seconds(20) {
+                    n += try await sub.poll(maxRecords: 10, maxWait: .seconds(10)).records.count
+                }
+                return (n, clock.now - start)
+            }
+            try await Task.sleep(for: .milliseconds(100))
+            _ = try await transport.publish(rec("wake"), to: topic, partitioning: .explicit(0))
+            let (n, took) = try await waiting.value
+            try require(n == 1 && took < .seconds(8), check, "a publish ends the wait: \(n) record(s) after \(took)")
+            try await sub.close()
+
+        case "partition-status":
+            for i in 0..<5 { _ = try await transport.publish(rec("r\(i)"), to: topic, partitioning: .explicit(0)) }
+            let sub = try await transport.subscribe(topic: topic, group: "g", memberID: "m1")
+            let (got, last) = try await drain(sub, count: 5)
+            try require(got.count == 5, check, "expected 5 records")
+            try await sub.commit([0: Offset(3)], generation: last!.generation)
+            let status = try await transport.partitionStatus(group: "g", topic: topic)
+            try require(status.map(\.partition) == [0, 1, 2], check, "one status per partition, in order: \(status.map(\.partition))")
+            let p0 = status[0]
+            try require(p0.committed == Offset(3) && p0.end == Offset(5) && p0.lag == 2, check, "partition 0: committed 3, end 5, lag 2; got \(p0)")
+            try require(status[1].committed == nil && status[1].lag == 0, check, "an untouched partition has no commit and no lag: \(status[1])")
+            if let owner = p0.owner { try require(owner == "m1", check, "owner of partition 0 is m1, got \(owner)") }
+            try await sub.close()
+
+        case "read-outside-group":
+            for i in 0..<5 { _ = try await transport.publish(rec("r\(i)", key: "k"), to: topic, partitioning: .explicit(1)) }
+            let some = try await transport.read(topic: topic, partition: 1, from: Offset(2), maxRecords: 2)
+            try require(some.map(\.offset.rawValue) == [2, 3], check, "read from 2, two records: \(some.map(\.offset.rawValue))")
+            try require(some.map { String(decoding: $0.payload, as: UTF8.self) } == ["r2", "r3"] && some.allSatisfy { $0.key == Array("k".utf8) }, check, "payloads and keys intact")
+            let end = try await transport.read(topic: topic, partition: 1, from: Offset(5), maxRecords: 10)
+            try require(end.isEmpty, check, "nothing after the end")
+            let status = try await transport.partitionStatus(group: "nobody", topic: topic)
+            try require(status.allSatisfy { $0.committed == nil }, check, "reading joins no group and commits nothing")
+
+        case "fencing-scope":
+            let a = try await transport.subscribe(topic: topic, group: "g", memberID: "a")
+            let b = try await transport.subscribe(topic: topic, group: "g", memberID: "b")
+            let other = try await transport.subscribe(topic: topic, group: "g2", memberID: "a")
+            try require(!a.fencingScope.isEmpty && a.fencingScope == b.fencingScope, check, "members of one group share a fencing scope: \(a.fencingScope) / \(b.fencingScope)")
+            try require(a.fencingScope != other.fencingScope, check, "another group is another scope")
+            try await a.close()
+            try await b.close()
+            try await other.close()
 
         case "single-member-reads-all":
             for i in 0..<20 { _ = try await transport.publish(rec("r\(i)"), to: topic, partitioning: .explicit(PartitionID(i % 3))) }

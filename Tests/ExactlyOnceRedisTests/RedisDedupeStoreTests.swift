@@ -2,6 +2,7 @@ import ExactlyOnce
 import ExactlyOnceTestKit
 import Logging
 import Synchronization
+import TestSupport
 import Testing
 @testable import ExactlyOnceRedis
 
@@ -298,7 +299,7 @@ struct RedisDedupeStoreTests {
                 Issue.record("expected new")
                 return
             }
-            server.stop()
+            await server.stop()
             for i in 1...4 {
                 let error = await #expect(throws: ExactlyOnceError.self) {
                     try await store.claim(ClaimRequest(key: try Self.key("11:\(i)"), fingerprint: Self.fpA, lease: .seconds(30)))
@@ -344,7 +345,7 @@ struct RedisDurabilityTests {
             }
             try await store.complete(Completion(claim: c, outcome: .applied("serial-1"),
                                                 effects: EffectWrites(reads: ["stock": 0], writes: ["stock": Array("99".utf8)])))
-            server.stop()  // SIGKILL
+            await server.stop()  // SIGKILL
             try await server.start()
             #expect(try await store.claim(ClaimRequest(key: k, fingerprint: fp, lease: .seconds(30))) == .completed(.applied("serial-1")))
             #expect(try await store.readState("stock") == VersionedValue(value: Array("99".utf8), version: 1))

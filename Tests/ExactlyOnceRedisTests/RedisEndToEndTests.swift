@@ -2,6 +2,7 @@ import CouponKit
 import ExactlyOnce
 import ExactlyOnceTestKit
 import Logging
+import TestSupport
 import Testing
 @testable import ExactlyOnceRedis
 

@@ -1,5 +1,6 @@
 import Foundation
 @testable import ExactlyOnceRedis
+import TestSupport
 import Testing
 
 /// The coupon demo as real processes on one throwaway redis-server: several consumer processes
@@ -9,54 +10,7 @@ import Testing
 /// independent check of the ledger file.
 @Suite("Redis multi-process", .serialized, .timeLimit(.minutes(5)))
 struct RedisMultiProcessTests {
-    static var demo: URL {
-        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("coupon-demo").path) && dir.path != "/" {
-            dir = dir.deletingLastPathComponent()
-        }
-        return dir.appendingPathComponent("coupon-demo")
-    }
-
-    /// A running demo process whose output goes to files (no pipe can fill up and stall it).
-    final class Child {
-        let process = Process()
-        let out: URL
-        let err: URL
-
-        init(_ args: [String], in dir: URL, name: String) throws {
-            out = dir.appendingPathComponent("\(name).out")
-            err = dir.appendingPathComponent("\(name).err")
-            _ = FileManager.default.createFile(atPath: out.path, contents: nil)
-            _ = FileManager.default.createFile(atPath: err.path, contents: nil)
-            process.executableURL = RedisMultiProcessTests.demo
-            process.arguments = args
-            process.standardOutput = try FileHandle(forWritingTo: out)
-            process.standardError = try FileHandle(forWritingTo: err)
-            try process.run()
-        }
-
-        func kill9() {
-            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        }
-
-        /// Waits for exit without blocking a cooperative thread; kills the child at the deadline.
-        func wait(seconds: Double = 120) async throws -> Int32 {
-            let deadline = ContinuousClock.now + .seconds(seconds)
-            while process.isRunning {
-                if ContinuousClock.now > deadline {
-                    kill9()
-                    Issue.record("\(process.arguments ?? []) did not finish within \(seconds) s; stderr: \(stderr)")
-                    break
-                }
-                try await Task.sleep(for: .milliseconds(50))
-            }
-            process.waitUntilExit()
-            return process.terminationStatus
-        }
-
-        var stdout: String { (try? String(contentsOf: out, encoding: .utf8)) ?? "" }
-        var stderr: String { (try? String(contentsOf: err, encoding: .utf8)) ?? "" }
-    }
+    static var demo: URL { ChildProcess.builtProduct("coupon-demo") }
 
     static func scratch() throws -> URL {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("eo-multi-\(UUID().uuidString.prefix(8))")
@@ -80,8 +34,8 @@ struct RedisMultiProcessTests {
     static func audit(_ sale: [String], requests: Int, coupons: Int64, stock: Int64, in dir: URL) async throws {
         let ledger = dir.appendingPathComponent("ledger.jsonl").path
         let requestsOut = dir.appendingPathComponent("requests.jsonl").path
-        let auditor = try Child(sale + ["--role", "audit", "--json", "--ledger", ledger, "--requests-out", requestsOut], in: dir, name: "audit")
-        let status = try await auditor.wait()
+        let auditor = try ChildProcess(Self.demo, sale + ["--role", "audit", "--json", "--ledger", ledger, "--requests-out", requestsOut], outputIn: dir, name: "audit")
+        let status = await auditor.wait()
         #expect(status == 0, "audit failed: \(auditor.stdout) \(auditor.stderr)")
         let json = try #require(try JSONSerialization.jsonObject(with: Data(auditor.stdout.utf8)) as? [String: Any], "\(auditor.stderr)")
         for field in ["overIssued", "doubleIssued", "lost", "fcfsViolations"] {
@@ -121,8 +75,8 @@ struct RedisMultiProcessTests {
             defer { try? FileManager.default.removeItem(at: dir) }
             let requests = 12_000
             let sale = saleArguments(server, seed: 31, requests: requests, extra: ["--crash-rate", "0.001"])
-            var consumers = try (0..<3).map { try Child(sale + ["--role", "consume", "--member-id", "proc-\($0)"], in: dir, name: "consumer-\($0)") }
-            let publisher = try Child(sale + ["--role", "publish", "--json"], in: dir, name: "publisher")
+            var consumers = try (0..<3).map { try ChildProcess(Self.demo, sale + ["--role", "consume", "--member-id", "proc-\($0)"], outputIn: dir, name: "consumer-\($0)") }
+            let publisher = try ChildProcess(Self.demo, sale + ["--role", "publish", "--json"], outputIn: dir, name: "publisher")
 
             // Kill consumer 1 once the sale is well under way, and start its replacement.
             let deadline = ContinuousClock.now + .seconds(90)
@@ -131,14 +85,14 @@ struct RedisMultiProcessTests {
             }
             let before = try Self.committed(server)
             #expect(before < requests, "the kill must land mid-sale (committed \(before) of \(requests))")
-            consumers[1].kill9()
-            _ = try await consumers[1].wait()
-            #expect(consumers[1].process.terminationReason == .uncaughtSignal)
-            consumers.append(try Child(sale + ["--role", "consume", "--member-id", "proc-1-restarted"], in: dir, name: "consumer-1b"))
+            consumers[1].kill()
+            _ = await consumers[1].wait()
+            #expect(consumers[1].wasSignalled)
+            consumers.append(try ChildProcess(Self.demo, sale + ["--role", "consume", "--member-id", "proc-1-restarted"], outputIn: dir, name: "consumer-1b"))
 
-            #expect(try await publisher.wait() == 0, "\(publisher.stderr)")
+            #expect(await publisher.wait() == 0, "\(publisher.stderr)")
             for (i, c) in consumers.enumerated() where i != 1 {
-                #expect(try await c.wait() == 0, "consumer \(i): \(c.stderr)")
+                #expect(await c.wait() == 0, "consumer \(i): \(c.stderr)")
             }
             #expect(try Self.committed(server) == requests)
             try await Self.audit(sale, requests: requests, coupons: 4, stock: 150, in: dir)
@@ -154,18 +108,18 @@ struct RedisMultiProcessTests {
             defer { try? FileManager.default.removeItem(at: dir) }
             let requests = 12_000
             let sale = saleArguments(server, seed: 32, requests: requests, extra: ["--crash-rate", "0.002"])
-            let first = try Child(sale + ["--json"], in: dir, name: "first")
+            let first = try ChildProcess(Self.demo, sale + ["--json"], outputIn: dir, name: "first")
             let deadline = ContinuousClock.now + .seconds(90)
-            while try Self.committed(server) < requests / 4 && ContinuousClock.now < deadline && first.process.isRunning {
+            while try Self.committed(server) < requests / 4 && ContinuousClock.now < deadline && first.isRunning {
                 try await Task.sleep(for: .milliseconds(20))
             }
-            #expect(first.process.isRunning, "the kill must land mid-sale: \(first.stdout)")
-            first.kill9()
-            _ = try await first.wait()
+            #expect(first.isRunning, "the kill must land mid-sale: \(first.stdout)")
+            first.kill()
+            _ = await first.wait()
             #expect(try Self.committed(server) < requests)
 
-            let second = try Child(sale + ["--json"], in: dir, name: "second")
-            #expect(try await second.wait() == 0, "\(second.stdout) \(second.stderr)")
+            let second = try ChildProcess(Self.demo, sale + ["--json"], outputIn: dir, name: "second")
+            #expect(await second.wait() == 0, "\(second.stdout) \(second.stderr)")
             try await Self.audit(sale, requests: requests, coupons: 4, stock: 150, in: dir)
         }
     }
@@ -179,16 +133,16 @@ struct RedisMultiProcessTests {
             defer { try? FileManager.default.removeItem(at: dir) }
             let requests = 12_000
             let sale = saleArguments(server, seed: 33, requests: requests, extra: ["--crash-rate", "0.001"])
-            let run = try Child(sale + ["--json"], in: dir, name: "run")
+            let run = try ChildProcess(Self.demo, sale + ["--json"], outputIn: dir, name: "run")
             let deadline = ContinuousClock.now + .seconds(90)
-            while try Self.committed(server) < requests / 4 && ContinuousClock.now < deadline && run.process.isRunning {
+            while try Self.committed(server) < requests / 4 && ContinuousClock.now < deadline && run.isRunning {
                 try await Task.sleep(for: .milliseconds(20))
             }
-            #expect(run.process.isRunning, "the restart must land mid-sale: \(run.stdout)")
-            server.stop()
+            #expect(run.isRunning, "the restart must land mid-sale: \(run.stdout)")
+            await server.stop()
             try await Task.sleep(for: .milliseconds(500))
             try await server.start()
-            #expect(try await run.wait() == 0, "\(run.stdout) \(run.stderr)")
+            #expect(await run.wait() == 0, "\(run.stdout) \(run.stderr)")
             let json = try #require(try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any], "\(run.stderr)")
             #expect((json["backendUnavailable"] as? Int ?? 0) > 0, "the run saw Redis go away: \(run.stdout)")
             try await Self.audit(sale, requests: requests, coupons: 4, stock: 150, in: dir)

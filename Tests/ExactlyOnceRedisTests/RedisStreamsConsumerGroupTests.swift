@@ -1,5 +1,6 @@
 import ExactlyOnce
 import ExactlyOnceTestKit
+import TestSupport
 import Testing
 @testable import ExactlyOnceRedis
 

@@ -1,5 +1,6 @@
 import ExactlyOnce
 import ExactlyOnceTestKit
+import TestSupport
 import Testing
 @testable import ExactlyOnceRedis
 
@@ -64,7 +65,7 @@ struct RedisStreamsTransportTests {
         try await RedisTestServer.with { server in
             let t = try Self.transport(server, prefix: "errors:")
             let unknown = await #expect(throws: ExactlyOnceError.self) { try await t.partitionCount(of: "nope") }
-            #expect(unknown?.code == .transportFailure)
+            #expect(unknown?.code == .unknownTopic && unknown?.isRetriable == false)
             try await t.createTopic("x", partitions: 2)
             let mismatch = await #expect(throws: ExactlyOnceError.self) { try await t.createTopic("x", partitions: 3) }
             #expect(mismatch?.code == .invalidConfiguration)

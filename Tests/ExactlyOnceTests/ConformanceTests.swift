@@ -62,27 +62,38 @@ import Testing
         #expect(again.attempt == 1)
     }
 
-    /// A durable store outlives the in-memory transport: after a restart, the new transport's
-    /// epochs must be above the old ones or the store would fence the new process forever.
-    @Test func epochsKeepRisingAcrossTransportRestarts() async throws {
+    /// A durable store outlives the in-memory transport: a restarted transport's epochs start
+    /// low again, so each instance is its own fencing scope. The store keeps the old instance's
+    /// high epoch and still serves the new instance's members (fences never cross scopes), and
+    /// a key the dead process held is taken over once its lease lapses.
+    @Test func aRestartedTransportIsANewFencingScope() async throws {
         let clock = ManualClock()
         let store = try InMemoryDedupeStore(clock: clock)
         let first = try InMemoryTransport(topics: ["t": 1], clock: clock)
         let a = try await first.subscribe(topic: "t", group: "g", memberID: "a")
-        for i in 0..<50 { _ = try await first.subscribe(topic: "t", group: "g", memberID: "x\(i)") }
-        let oldEpoch = try await a.poll(maxRecords: 1).assignment.values.max() ?? 0
+        // Each newcomer sorts first, so partition 0 changes owner (and epoch) every time.
+        for i in 1...50 { _ = try await first.subscribe(topic: "t", group: "g", memberID: String(repeating: "0", count: i) + "m") }
+        let oldEpoch = first.assignment(group: "g", topic: "t")[0]!.epoch
         let fp = PayloadFingerprint.of([1])
         _ = try await store.claim([ClaimRequest(key: .coupon(couponId: 1, memberId: 1), fingerprint: fp, lease: .seconds(30),
-                                                fence: PartitionFence(scope: "g/t/0", epoch: first.assignment(group: "g", topic: "t")[0]!.epoch))])
-        clock.advance(by: .milliseconds(1))  // the process restarts a moment later
+                                                fence: PartitionFence(scope: a.fencingScope + "/0", epoch: oldEpoch))])
         let second = try InMemoryTransport(topics: ["t": 1], clock: clock)
         let b = try await second.subscribe(topic: "t", group: "g", memberID: "b")
         let newEpoch = try await b.poll(maxRecords: 1).assignment[0]!
-        #expect(newEpoch > oldEpoch)
-        // The restarted owner takes over the dead process's claim at once instead of being fenced.
-        let r = try await store.claim([ClaimRequest(key: .coupon(couponId: 1, memberId: 1), fingerprint: fp, lease: .seconds(30),
-                                                    fence: PartitionFence(scope: "g/t/0", epoch: newEpoch))])
-        guard case .new = r[0] else { Issue.record("expected a takeover, got \(r)"); return }
+        #expect(newEpoch < oldEpoch, "a new instance counts epochs from the start")
+        #expect(b.fencingScope != a.fencingScope)
+        let fence = PartitionFence(scope: b.fencingScope + "/0", epoch: newEpoch)
+        // Not fenced: other keys are claimed at once...
+        guard case .new = try await store.claim([ClaimRequest(key: .coupon(couponId: 1, memberId: 2), fingerprint: fp, lease: .seconds(30), fence: fence)])[0] else {
+            Issue.record("a low epoch in a new scope must not be fenced"); return
+        }
+        // ...and the dead process's key waits for its lease, then is taken over.
+        let held = try await store.claim([ClaimRequest(key: .coupon(couponId: 1, memberId: 1), fingerprint: fp, lease: .seconds(30), fence: fence)])
+        guard case .inProgress = held[0] else { Issue.record("another scope's live claim is respected, got \(held)"); return }
+        clock.advance(by: .seconds(31))
+        guard case .new = try await store.claim([ClaimRequest(key: .coupon(couponId: 1, memberId: 1), fingerprint: fp, lease: .seconds(30), fence: fence)])[0] else {
+            Issue.record("taken over after the lease"); return
+        }
     }
 
     @Test func transportExpelsMembersWhoseSessionLapsed() async throws {
@@ -115,4 +126,6 @@ final class ForgetfulStore: DedupeStore {
     func release(_ claim: Claim, reason: String) async throws { try await base.release(claim, reason: reason) }
     func readState(_ keys: [String]) async throws -> [String: VersionedValue] { try await base.readState(keys) }
     func records(for keys: [IdempotencyKey]) async throws -> [IdempotencyKey: DedupeRecord] { try await base.records(for: keys) }
+    func listRecords(_ query: RecordQuery) async throws -> RecordPage { try await base.listRecords(query) }
+    func reopenDeadLettered(_ key: IdempotencyKey) async throws -> Bool { try await base.reopenDeadLettered(key) }
 }

@@ -26,6 +26,7 @@ func drive<S: DedupeStore>(_ sessions: [ConsumerSession<InMemoryTransport, S>], 
 
 func config(_ member: String, topic: String = "coupons") -> ConsumerConfiguration {
     var c = ConsumerConfiguration(topic: topic, group: "g", memberID: member)
+    c.pollWait = .zero  // tests drive sessions step by step: an empty poll returns at once
     c.retryBackoff = .none
     c.unavailableBackoff = .none
     c.maxAttempts = 3
@@ -149,7 +150,7 @@ func config(_ member: String, topic: String = "coupons") -> ConsumerConfiguratio
             _ = try await t.publish(CouponRequest(requestId: i, couponId: i % 8, memberId: i / 2).outgoing, to: "coupons", partitioning: .modulo)
         }
         var c = config("svc")
-        c.idleWait = .milliseconds(1)
+        c.pollWait = .milliseconds(1)
         let consumer = try ExactlyOnceConsumer(transport: t, store: store, configuration: c, logger: quietLogger,
                                                key: CouponRequest.keyExtractor, handler: CouponIssuer(stock: Dictionary(uniqueKeysWithValues: (0..<8).map { ($0, 10) })).handler)
         let group = ServiceGroup(configuration: .init(services: [consumer], logger: quietLogger))

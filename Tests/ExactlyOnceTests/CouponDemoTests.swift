@@ -1,40 +1,22 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// Runs the built `coupon-demo` binary end to end (it sits next to the test bundle).
 @Suite struct CouponDemoTests {
-    static var binary: URL {
-        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("coupon-demo").path) && dir.path != "/" {
-            dir = dir.deletingLastPathComponent()
-        }
-        return dir.appendingPathComponent("coupon-demo")
+    static var binary: URL { ChildProcess.builtProduct("coupon-demo") }
+
+    static func run(_ args: [String], stdin: String? = nil) async throws -> (status: Int32, out: String, err: String) {
+        try await ChildProcess.run(binary, args, stdin: stdin)
     }
 
-    static func run(_ args: [String], stdin: String? = nil) throws -> (status: Int32, out: String, err: String) {
-        let p = Process()
-        p.executableURL = binary
-        p.arguments = args
-        let out = Pipe(), err = Pipe(), input = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        p.standardInput = input
-        try p.run()
-        if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
-        try input.fileHandleForWriting.close()
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
-    }
-
-    @Test func jsonRunWithCrashesAuditsCleanAndItsFilesAgree() throws {
+    @Test func jsonRunWithCrashesAuditsCleanAndItsFilesAgree() async throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("demo-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         let ledger = dir.appendingPathComponent("ledger.jsonl").path
         let requests = dir.appendingPathComponent("requests.jsonl").path
-        let r = try Self.run(["--json", "--requests", "3000", "--coupons", "4", "--stock", "25", "--members", "400",
+        let r = try await Self.run(["--json", "--requests", "3000", "--coupons", "4", "--stock", "25", "--members", "400",
                               "--crash-rate", "0.01", "--seed", "7", "--ledger", ledger, "--requests-out", requests])
         #expect(r.status == 0, "\(r.err)")
         let json = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
@@ -62,18 +44,18 @@ import Testing
 
         // The same seed publishes the same requests.
         let again = dir.appendingPathComponent("again.jsonl").path
-        let r2 = try Self.run(["--json", "--requests", "3000", "--coupons", "4", "--stock", "25", "--members", "400",
+        let r2 = try await Self.run(["--json", "--requests", "3000", "--coupons", "4", "--stock", "25", "--members", "400",
                                "--crash-rate", "0", "--seed", "7", "--requests-out", again])
         #expect(r2.status == 0)
         #expect(try String(contentsOfFile: again, encoding: .utf8) == String(contentsOfFile: requests, encoding: .utf8))
     }
 
-    @Test func badFlagsGetAClearErrorAndExitCode2() throws {
+    @Test func badFlagsGetAClearErrorAndExitCode2() async throws {
         for args in [["--requests", "many"], ["--crash-rate", "2"], ["--partitions", "0"], ["--bogus"], ["--store", "file"], ["--data-dir", "/tmp/x"], ["--store", "file", "--data-dir", "/tmp/x", "--role", "consume", "--transport", "redis-streams"], ["--transport", "kafka"],
                      ["--transport", "redis-streams"], ["--role", "consume"], ["--role", "boss"], ["--member-id", "a"],
                      ["--redis-url", "redis://127.0.0.1:1"], ["--store", "redis", "--redis-url", "http://example.com"],
                      ["--store", "redis", "--redis-url", "redis://u:hunter2@127.0.0.1:99999"]] {
-            let r = try Self.run(args)
+            let r = try await Self.run(args)
             #expect(r.status == 2, "\(args)")
             #expect(r.err.contains("coupon-demo:"), "\(args): \(r.err)")
             #expect(!r.err.contains("hunter2"), "passwords never appear in errors")
@@ -87,12 +69,7 @@ import Testing
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         let args = ["--store", "file", "--data-dir", dir.path, "--requests", "300000", "--members", "200000", "--seed", "11", "--json"]
-        let p = Process()
-        p.executableURL = Self.binary
-        p.arguments = args
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
+        let p = try ChildProcess(Self.binary, args)
         // Kill it once the journal has grown (the sale is under way) and before it finishes.
         func journalBytes() -> Int {
             guard let sales = try? FileManager.default.contentsOfDirectory(atPath: dir.path), let sale = sales.first,
@@ -106,12 +83,12 @@ import Testing
             try await Task.sleep(for: .milliseconds(5))
         }
         #expect(p.isRunning, "the kill must land mid-sale")
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
-        #expect(p.terminationReason == .uncaughtSignal)
+        p.kill()
+        await p.wait()
+        #expect(p.wasSignalled)
 
         let ledger = dir.appendingPathComponent("ledger.jsonl").path
-        let r = try Self.run(args + ["--ledger", ledger])
+        let r = try await Self.run(args + ["--ledger", ledger])
         #expect(r.status == 0, "\(r.out) \(r.err)")
         let json = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
         for field in ["overIssued", "doubleIssued", "lost", "fcfsViolations"] { #expect(json[field] as? Int == 0, "\(field): \(r.out)") }
@@ -125,17 +102,17 @@ import Testing
     }
 
     /// A Redis that is not there is a clear error after a few tries, not a hang or a crash.
-    @Test func unreachableRedisIsAClearError() throws {
-        let r = try Self.run(["--store", "redis", "--redis-url", "unix:///nonexistent/redis.sock", "--requests", "10"])
+    @Test func unreachableRedisIsAClearError() async throws {
+        let r = try await Self.run(["--store", "redis", "--redis-url", "unix:///nonexistent/redis.sock", "--requests", "10"])
         #expect(r.status == 1)
         #expect(r.err.contains("cannot reach the backend"), "\(r.err)")
     }
 
-    @Test func partitionSubcommandMapsKeysAndReportsBadLines() throws {
-        let m = try Self.run(["partition", "--partitioner", "murmur2", "--partitions", "12"], stdin: "kafka\n21\n")
+    @Test func partitionSubcommandMapsKeysAndReportsBadLines() async throws {
+        let m = try await Self.run(["partition", "--partitioner", "murmur2", "--partitions", "12"], stdin: "kafka\n21\n")
         // kafka: 0xd067cf64 & 0x7fffffff = 1348980580, % 12 = 4. "21": -973932308 & 0x7fffffff = 1173551340, % 12 = 0.
         #expect(m.out == "kafka\t4\n21\t0\n")
-        let mod = try Self.run(["partition", "--partitioner", "modulo", "--partitions", "3"], stdin: "10\n-1\n11\n")
+        let mod = try await Self.run(["partition", "--partitioner", "modulo", "--partitions", "3"], stdin: "10\n-1\n11\n")
         #expect(mod.out == "10\t1\n11\t2\n")
         #expect(mod.err.contains("non-negative"))
         #expect(mod.status == 1)

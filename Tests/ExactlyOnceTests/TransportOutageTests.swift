@@ -4,7 +4,7 @@ import ServiceLifecycle
 import Synchronization
 import Testing
 
-/// A transport whose polls and commits fail with `transportFailure` while `down` is set: the
+/// A transport whose polls and commits fail with `transportUnavailable` while `down` is set: the
 /// broker (or Redis behind the transport) is unreachable.
 final class FlakyTransport: MessageTransport {
     let base: InMemoryTransport
@@ -17,6 +17,10 @@ final class FlakyTransport: MessageTransport {
     func partitionCount(of topic: String) async throws -> Int { try await base.partitionCount(of: topic) }
     func publish(_ record: OutgoingRecord, to topic: String, partitioning: Partitioning) async throws -> RecordPosition {
         try await base.publish(record, to: topic, partitioning: partitioning)
+    }
+    func partitionStatus(group: String, topic: String) async throws -> [PartitionStatus] { try await base.partitionStatus(group: group, topic: topic) }
+    func read(topic: String, partition: PartitionID, from offset: Offset, maxRecords: Int) async throws -> [ConsumedRecord] {
+        try await base.read(topic: topic, partition: partition, from: offset, maxRecords: maxRecords)
     }
     func subscribe(topic: String, group: String, memberID: String) async throws -> Sub {
         Sub(base: try await base.subscribe(topic: topic, group: group, memberID: memberID), owner: self)
@@ -35,17 +39,18 @@ final class FlakyTransport: MessageTransport {
         let base: InMemoryTransport.Subscription
         let owner: FlakyTransport
         var memberID: String { base.memberID }
-        func poll(maxRecords: Int) async throws -> PollResult {
+        var fencingScope: String { base.fencingScope }
+        func poll(maxRecords: Int, maxWait: Duration) async throws -> PollResult {
             if owner.takeFailure(owner.down) {
                 owner.failedPolls.add(1, ordering: .relaxed)
-                throw ExactlyOnceError(.transportFailure, "broker unreachable (injected)")
+                throw ExactlyOnceError(.transportUnavailable, "broker unreachable (injected)")
             }
-            return try await base.poll(maxRecords: maxRecords)
+            return try await base.poll(maxRecords: maxRecords, maxWait: maxWait)
         }
         func commit(_ offsets: [PartitionID: Offset], generation: UInt64) async throws {
             if owner.takeFailure(owner.commitsDown) {
                 owner.failedCommits.add(1, ordering: .relaxed)
-                throw ExactlyOnceError(.transportFailure, "broker unreachable (injected)")
+                throw ExactlyOnceError(.transportUnavailable, "broker unreachable (injected)")
             }
             try await base.commit(offsets, generation: generation)
         }
@@ -65,7 +70,7 @@ final class FlakyTransport: MessageTransport {
             _ = try await t.publish(CouponRequest(requestId: i, couponId: i % 4, memberId: i).outgoing, to: "coupons", partitioning: .modulo)
         }
         var c = config("svc")
-        c.idleWait = .milliseconds(1)
+        c.pollWait = .milliseconds(1)
         c.maxPollRecords = 16
         c.unavailableBackoff.initial = .milliseconds(1)
         c.unavailableBackoff.maximum = .milliseconds(4)

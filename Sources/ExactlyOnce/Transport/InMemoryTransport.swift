@@ -8,11 +8,12 @@ import Synchronization
 /// - Members that do not poll within ``Configuration/sessionTimeout`` (by the injected clock) are
 ///   expelled on the next group operation, as Kafka expels a member whose session lapsed.
 /// - Deterministic: no background tasks, no timers; the same sequence of calls with the same
-///   clock gives the same results, which is what the simulator relies on.
-/// - Generations (and so partition epochs) start at the creation time in milliseconds × 1000, so
-///   a restarted process hands out higher epochs than the one before it, as long as it made fewer
-///   than 1000 rebalances per millisecond it ran. A durable dedupe store remembers the highest
-///   epoch per partition; epochs that restarted at 1 would be fenced forever.
+///   clock gives the same results, which is what the simulator relies on. A poll with a
+///   positive `maxWait` and nothing to read waits (in real time) until a record is published to
+///   the topic or the wait is over.
+/// - Every instance is its own fencing scope (``TransportSubscription/fencingScope`` names a
+///   random instance id), so its epochs, which start at 1, never meet another instance's in a
+///   durable store.
 public final class InMemoryTransport: MessageTransport {
     /// Configuration of the in-memory transport.
     public struct Configuration: Sendable {
@@ -36,7 +37,7 @@ public final class InMemoryTransport: MessageTransport {
 
     struct Group: Sendable {
         var topic: String
-        var generation: UInt64
+        var generation: UInt64 = 0
         var members: [String: Member] = [:]
         var owner: [PartitionID: String] = [:]
         var epochs: [PartitionID: UInt64] = [:]
@@ -50,9 +51,11 @@ public final class InMemoryTransport: MessageTransport {
     }
 
     private let state = Mutex(State())
-    private let clock: any WallClock
-    private let configuration: Configuration
-    private let firstGeneration: UInt64
+    let clock: any WallClock
+    let configuration: Configuration
+    let signal = PublishSignal()
+    /// Identifies this instance in fencing scopes.
+    let instanceID: String
 
     /// Creates a transport with `topics` (name to partition count).
     /// - Throws: ``ExactlyOnceError/Code/invalidPartition`` for a partition count below 1,
@@ -60,11 +63,13 @@ public final class InMemoryTransport: MessageTransport {
     public init(topics: [String: Int], configuration: Configuration = .init(), clock: any WallClock = SystemWallClock()) throws {
         self.clock = clock
         self.configuration = configuration
-        self.firstGeneration = UInt64(max(0, clock.now().milliseconds)) &* 1000
+        var g = SystemRandomNumberGenerator()
+        self.instanceID = String(g.next() as UInt64, radix: 16)
         for (name, count) in topics { try createTopic(name, partitions: count) }
     }
 
     /// Creates a topic (idempotent for the same partition count).
+    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` when it exists with another count.
     public func createTopic(_ name: String, partitions: Int) throws {
         try validatePartitionCount(partitions)
         guard !name.isEmpty else { throw ExactlyOnceError(.invalidConfiguration, "topic name is empty") }
@@ -79,9 +84,13 @@ public final class InMemoryTransport: MessageTransport {
         }
     }
 
+    static func unknownTopic(_ topic: String) -> ExactlyOnceError {
+        ExactlyOnceError(.unknownTopic, "unknown topic \(topic)")
+    }
+
     public func partitionCount(of topic: String) async throws -> Int {
         try state.withLock { s in
-            guard let t = s.topics[topic] else { throw ExactlyOnceError(.transportFailure, "unknown topic \(topic)") }
+            guard let t = s.topics[topic] else { throw Self.unknownTopic(topic) }
             return t.count
         }
     }
@@ -90,15 +99,36 @@ public final class InMemoryTransport: MessageTransport {
         try publishSync(record, to: topic, partitioning: partitioning)
     }
 
-    /// Synchronous publish (the in-memory transport never suspends).
-    public func publishSync(_ record: OutgoingRecord, to topic: String, partitioning: Partitioning) throws -> RecordPosition {
-        try state.withLock { s in
-            guard s.topics[topic] != nil else { throw ExactlyOnceError(.transportFailure, "unknown topic \(topic)") }
+    /// Publishes the whole batch under one lock: every record is accepted, or (for input that
+    /// cannot be published) none.
+    public func publish(_ records: [OutgoingRecord], to topic: String, partitioning: Partitioning) async throws -> PublishReport {
+        let positions: [RecordPosition?] = try state.withLock { s in
+            guard let count = s.topics[topic]?.count else { throw Self.unknownTopic(topic) }
+            let partitions = try records.map { try partitioning.resolve(key: $0.key, partitionCount: count) }
+            var out: [RecordPosition?] = []
+            out.reserveCapacity(records.count)
+            for (r, p) in zip(records, partitions) {
+                let offset = Int64(s.topics[topic]![p.rawValue].count)
+                s.topics[topic]![p.rawValue].append(StoredRecord(key: r.key, payload: r.payload, headers: r.headers))
+                out.append(RecordPosition(partition: p, offset: Offset(offset)))
+            }
+            return out
+        }
+        if !records.isEmpty { signal.bump(topic) }
+        return PublishReport(positions: positions, failure: nil)
+    }
+
+    /// Synchronous publish (the in-memory transport never suspends); the simulator's path.
+    package func publishSync(_ record: OutgoingRecord, to topic: String, partitioning: Partitioning) throws -> RecordPosition {
+        let position = try state.withLock { s in
+            guard s.topics[topic] != nil else { throw Self.unknownTopic(topic) }
             let p = try partitioning.resolve(key: record.key, partitionCount: s.topics[topic]!.count)
             let offset = Int64(s.topics[topic]![p.rawValue].count)
             s.topics[topic]![p.rawValue].append(StoredRecord(key: record.key, payload: record.payload, headers: record.headers))
             return RecordPosition(partition: p, offset: Offset(offset))
         }
+        signal.bump(topic)
+        return position
     }
 
     /// All records of a topic partition (inspection, dead-letter audits).
@@ -107,6 +137,21 @@ public final class InMemoryTransport: MessageTransport {
             guard let t = s.topics[topic], partition.rawValue >= 0, partition.rawValue < t.count else { return [] }
             return t[partition.rawValue].enumerated().map { i, r in
                 ConsumedRecord(topic: topic, partition: partition, offset: Offset(Int64(i)), key: r.key, payload: r.payload, headers: r.headers)
+            }
+        }
+    }
+
+    public func read(topic: String, partition: PartitionID, from offset: Offset, maxRecords: Int) async throws -> [ConsumedRecord] {
+        try state.withLock { s in
+            guard let t = s.topics[topic] else { throw Self.unknownTopic(topic) }
+            guard partition.rawValue >= 0, partition.rawValue < t.count else {
+                throw ExactlyOnceError(.invalidPartition, "partition \(partition) is outside 0..<\(t.count)")
+            }
+            let log = t[partition.rawValue]
+            let start = Int(min(max(0, offset.rawValue), Int64(log.count)))
+            let end = min(log.count, start + max(0, maxRecords))
+            return (start..<end).map { i in
+                ConsumedRecord(topic: topic, partition: partition, offset: Offset(Int64(i)), key: log[i].key, payload: log[i].payload, headers: log[i].headers)
             }
         }
     }
@@ -127,6 +172,20 @@ public final class InMemoryTransport: MessageTransport {
         }
     }
 
+    public func partitionStatus(group: String, topic: String) async throws -> [PartitionStatus] {
+        try state.withLock { s in
+            guard let t = s.topics[topic] else { throw Self.unknownTopic(topic) }
+            let g = s.groups[Self.groupKey(group, topic)]
+            return t.indices.map { i in
+                let p = PartitionID(i)
+                let committed = g?.committed[p].map(Offset.init)
+                let end = Int64(t[i].count)
+                return PartitionStatus(partition: p, committed: committed, end: Offset(end), lag: max(0, end - (committed?.rawValue ?? 0)),
+                                       owner: g?.owner[p], epoch: g?.owner[p] == nil ? nil : g?.epochs[p])
+            }
+        }
+    }
+
     /// Whether every partition of `topic` is committed to its end by `group`.
     public func isFullyCommitted(group: String, topic: String) -> Bool {
         let ends = endOffsets(topic: topic)
@@ -138,7 +197,8 @@ public final class InMemoryTransport: MessageTransport {
     public var deliveredRecords: Int { state.withLock { $0.delivered } }
 
     /// Removes a member as if its session lapsed (a crash): no commit, partitions move at once.
-    public func expel(memberID: String, group: String, topic: String) {
+    /// The simulator's and the demo's way to kill a member.
+    package func expel(memberID: String, group: String, topic: String) {
         state.withLock { s in
             let key = Self.groupKey(group, topic)
             guard var g = s.groups[key], g.members[memberID] != nil else { return }
@@ -164,9 +224,9 @@ public final class InMemoryTransport: MessageTransport {
         }
         let now = clock.now()
         try state.withLock { s in
-            guard let t = s.topics[topic] else { throw ExactlyOnceError(.transportFailure, "unknown topic \(topic)") }
+            guard let t = s.topics[topic] else { throw Self.unknownTopic(topic) }
             let key = Self.groupKey(group, topic)
-            var g = s.groups[key] ?? Group(topic: topic, generation: firstGeneration)
+            var g = s.groups[key] ?? Group(topic: topic)
             Self.expireSessions(&g, now: now, timeout: configuration.sessionTimeout, partitionCount: t.count)
             g.members[memberID] = Member(lastSeen: now)
             Self.rebalance(&g, partitionCount: t.count)
@@ -216,15 +276,27 @@ public final class InMemoryTransport: MessageTransport {
 
         private var key: String { InMemoryTransport.groupKey(group, topic) }
 
-        public func poll(maxRecords: Int) async throws -> PollResult { try pollSync(maxRecords: maxRecords) }
+        /// `memory:<instance>/<group>/<topic>`: epochs of this instance only.
+        public var fencingScope: String { "memory:\(transport.instanceID)/\(group)/\(topic)" }
 
-        /// Synchronous poll.
-        public func pollSync(maxRecords: Int) throws -> PollResult {
+        public func poll(maxRecords: Int, maxWait: Duration) async throws -> PollResult {
+            let seen = transport.signal.version(topic)
+            let (first, settled) = try pollNow(maxRecords: maxRecords)
+            guard first.records.isEmpty, settled, maxWait > .zero else { return first }
+            await transport.signal.wait(topic, after: seen, timeout: maxWait)
+            return try pollNow(maxRecords: maxRecords).0
+        }
+
+        /// Synchronous poll (never waits); the simulator's path.
+        package func pollSync(maxRecords: Int) throws -> PollResult { try pollNow(maxRecords: maxRecords).0 }
+
+        /// Polls once; `settled` is false when the poll only took a new assignment.
+        private func pollNow(maxRecords: Int) throws -> (PollResult, settled: Bool) {
             let now = transport.clock.now()
             let timeout = transport.configuration.sessionTimeout
             return try transport.state.withLock { s in
                 guard let partitions = s.topics[topic], var g = s.groups[key] else {
-                    throw ExactlyOnceError(.transportFailure, "unknown topic \(topic)")
+                    throw InMemoryTransport.unknownTopic(topic)
                 }
                 InMemoryTransport.expireSessions(&g, now: now, timeout: timeout, partitionCount: partitions.count)
                 guard var me = g.members[memberID] else {
@@ -239,7 +311,8 @@ public final class InMemoryTransport: MessageTransport {
                     ends[p] = Offset(Int64(partitions[p.rawValue].count))
                 }
                 var records: [ConsumedRecord] = []
-                if me.knownGeneration == g.generation {
+                let settled = me.knownGeneration == g.generation
+                if settled {
                     let owned = assignment.keys.sorted()
                     let budget = max(1, maxRecords)
                     let share = max(1, budget / max(1, owned.count))
@@ -261,7 +334,7 @@ public final class InMemoryTransport: MessageTransport {
                 }
                 g.members[memberID] = me
                 s.groups[key] = g
-                return PollResult(generation: g.generation, assignment: assignment, records: records, endOffsets: ends)
+                return (PollResult(generation: g.generation, assignment: assignment, records: records, endOffsets: ends), settled)
             }
         }
 
@@ -294,6 +367,60 @@ public final class InMemoryTransport: MessageTransport {
 
         public func close() async throws {
             transport.expel(memberID: memberID, group: group, topic: topic)
+        }
+    }
+}
+
+/// Wakes polls that wait for records: a version per topic, bumped on every publish, and the
+/// waiters registered against it. Waits end on a publish, on their timeout, or on cancellation.
+final class PublishSignal: Sendable {
+    private struct Waiter {
+        var topic: String
+        var continuation: CheckedContinuation<Void, Never>
+    }
+    private struct State {
+        var versions: [String: UInt64] = [:]
+        var waiters: [UInt64: Waiter] = [:]
+        var nextID: UInt64 = 0
+    }
+    private let state = Mutex(State())
+
+    func version(_ topic: String) -> UInt64 { state.withLock { $0.versions[topic] ?? 0 } }
+
+    func bump(_ topic: String) {
+        let woken: [CheckedContinuation<Void, Never>] = state.withLock { s in
+            s.versions[topic, default: 0] &+= 1
+            let ids = s.waiters.filter { $0.value.topic == topic }.map(\.key)
+            return ids.compactMap { s.waiters.removeValue(forKey: $0)?.continuation }
+        }
+        for c in woken { c.resume() }
+    }
+
+    /// Waits until `topic`'s version moves past `seen`, `timeout` passes, or the task is cancelled.
+    func wait(_ topic: String, after seen: UInt64, timeout: Duration) async {
+        let id: UInt64 = state.withLock { s in
+            s.nextID &+= 1
+            return s.nextID
+        }
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { [self] in
+                await withTaskCancellationHandler {
+                    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                        let resumeNow: Bool = state.withLock { s in
+                            if (s.versions[topic] ?? 0) != seen || Task.isCancelled { return true }
+                            s.waiters[id] = Waiter(topic: topic, continuation: c)
+                            return false
+                        }
+                        if resumeNow { c.resume() }
+                    }
+                } onCancel: {
+                    let c = state.withLock { $0.waiters.removeValue(forKey: id)?.continuation }
+                    c?.resume()
+                }
+            }
+            group.addTask { try? await Task.sleep(for: timeout) }
+            await group.next()
+            group.cancelAll()
         }
     }
 }

@@ -28,6 +28,34 @@ public struct Backoff: Sendable, Hashable {
     }
 }
 
+/// In which order a consumer handles the records of one partition.
+///
+/// - ``partition``: one record at a time per partition, in offset order (the seed's design and
+///   Kafka's usual consumer). Lanes of different partitions run in parallel.
+/// - ``key(maxConcurrency:)``: records with the same record key (the coupon id) stay in
+///   publish order, and records of different keys in one partition run concurrently, up to
+///   `maxConcurrency` keys at once (what Confluent's Parallel Consumer calls KEY ordering).
+///   Records without a record key share one sequence. Records with one idempotency key always
+///   share a sequence, whatever their record keys. The committed offset never passes the
+///   lowest unfinished record, so G1 holds; fencing and outcome replay are unchanged.
+public struct Ordering: Sendable, Hashable, CustomStringConvertible {
+    enum Mode: Sendable, Hashable {
+        case partition
+        case key(Int)
+    }
+    let mode: Mode
+    /// One sequence per partition.
+    public static let partition = Ordering(mode: .partition)
+    /// One sequence per record key; up to `maxConcurrency` keys of a partition at once.
+    public static func key(maxConcurrency: Int = 64) -> Ordering { Ordering(mode: .key(maxConcurrency)) }
+    public var description: String {
+        switch mode {
+        case .partition: "partition"
+        case .key(let n): "key(maxConcurrency: \(n))"
+        }
+    }
+}
+
 /// Configuration of an ``ExactlyOnceConsumer``.
 public struct ConsumerConfiguration: Sendable {
     /// The topic to consume.
@@ -52,13 +80,24 @@ public struct ConsumerConfiguration: Sendable {
     /// batches cost fewer store round trips (and fsyncs); smaller ones lose less work to a crash.
     /// Default: 64.
     public var completionBatchSize: Int = 64
-    /// Sleep when a poll returned nothing. Default: 5 ms.
-    public var idleWait: Duration = .milliseconds(5)
-    /// The dead-letter topic. Default: `"<topic>.dlq"`.
+    /// How long a poll may wait for records when there are none (Kafka's `fetch.max.wait.ms`):
+    /// the transport answers as soon as records arrive, so this bounds idle latency, not
+    /// throughput. Also bounds how long a graceful shutdown waits for an idle poll. Default: 100 ms.
+    public var pollWait: Duration = .milliseconds(100)
+    /// The dead-letter topic. It must exist when the consumer starts. Default: `"<topic>.dlq"`.
     public var deadLetterTopic: String
+    /// In which order records of one partition are handled. Default: ``Ordering/partition``.
+    public var ordering: Ordering = .partition
+    /// How long a partition the transport still assigns to this member may stay refused by the
+    /// store's fence before ``ExactlyOnceConsumer/run()`` stops with
+    /// ``ExactlyOnceError/Code/fenced``. A rebalanced-out member learns of the move from its
+    /// next poll within moments, so a fence that lasts means the store has seen a higher epoch
+    /// for this scope than the transport hands out (a recreated group or topic), and waiting
+    /// will not end it. Default: 60 s.
+    public var maxFencedDuration: Duration = .seconds(60)
     /// Whether partitions of one batch are processed in parallel (one task per lane). The
     /// simulator turns this off for determinism. Default: true.
-    public var concurrentLanes: Bool = true
+    package var concurrentLanes: Bool = true
 
     /// Creates a configuration.
     public init(topic: String, group: String, memberID: String) {
@@ -68,7 +107,7 @@ public struct ConsumerConfiguration: Sendable {
         self.deadLetterTopic = topic + ".dlq"
     }
 
-    func validate() throws {
+    package func validate() throws {
         func bad(_ m: String) -> ExactlyOnceError { ExactlyOnceError(.invalidConfiguration, m) }
         if topic.isEmpty || group.isEmpty || memberID.isEmpty { throw bad("topic, group and memberID must not be empty") }
         if maxPollRecords < 1 { throw bad("maxPollRecords must be at least 1, got \(maxPollRecords)") }
@@ -78,32 +117,9 @@ public struct ConsumerConfiguration: Sendable {
         if completionBatchSize < 1 { throw bad("completionBatchSize must be at least 1, got \(completionBatchSize)") }
         if deadLetterTopic.isEmpty || deadLetterTopic == topic { throw bad("deadLetterTopic must be set and differ from topic") }
         if retryBackoff.multiplier < 1 || unavailableBackoff.multiplier < 1 { throw bad("backoff multiplier must be at least 1") }
+        if pollWait < .zero || pollWait > .seconds(60) { throw bad("pollWait must be in 0...60 s") }
+        if maxFencedDuration <= .zero { throw bad("maxFencedDuration must be positive") }
+        if case .key(let n) = ordering.mode, n < 1 || n > 10_000 { throw bad("key ordering needs a concurrency in 1...10000, got \(n)") }
     }
 }
 
-/// What the handler sees for one new record.
-public struct HandlerContext: Sendable {
-    /// The record.
-    public let record: ConsumedRecord
-    /// Its idempotency key.
-    public let key: IdempotencyKey
-    /// The claim: its fencing token and attempt number. When the effect lives outside the store,
-    /// write it conditionally on this token (or with a unique constraint on the key).
-    public let claim: Claim
-    /// The store's transactional state: what the handler writes here commits atomically with
-    /// the record's completion (G3), or not at all.
-    public var transaction: EffectTransaction
-}
-
-/// Processes one new record and returns its outcome. Throwing counts as a failed attempt: the
-/// claim is released, the transaction dropped, and the record retried with backoff up to
-/// ``ConsumerConfiguration/maxAttempts``, then dead-lettered.
-public typealias RecordHandler = @Sendable (inout HandlerContext) async throws -> Outcome
-
-/// Derives the idempotency key of a record (for example `couponId:memberId` from its payload).
-/// Throwing marks the record malformed: it is dead-lettered, never dropped.
-public typealias KeyExtractor = @Sendable (ConsumedRecord) throws -> IdempotencyKey
-
-/// Called with every finished record's outcome: `replayed` is true when the record was a
-/// duplicate answered from the store (G4).
-public typealias OutcomeObserver = @Sendable (ConsumedRecord, Outcome, _ replayed: Bool) async -> Void

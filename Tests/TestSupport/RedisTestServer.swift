@@ -1,7 +1,6 @@
 import ExactlyOnce
+import ExactlyOnceRedis
 import Foundation
-import Testing
-@testable import ExactlyOnceRedis
 
 #if canImport(Glibc)
 import Glibc
@@ -10,15 +9,18 @@ import Glibc
 /// A throwaway `redis-server` in a temporary directory, listening on a unix socket (and on a
 /// free TCP port when asked). Tests fail, not skip, when `redis-server` is missing: `make test`
 /// installs it.
-final class RedisTestServer: @unchecked Sendable {
+public final class RedisTestServer: @unchecked Sendable {
     // @unchecked: `process` is only replaced by start()/stop(), which tests call sequentially.
-    let directory: URL
-    let socketPath: String
-    let tcpPort: Int?
+    /// The server's directory.
+    public let directory: URL
+    /// Its unix socket.
+    public let socketPath: String
+    /// Its TCP port, when started with `tcp: true`.
+    public let tcpPort: Int?
     private let extraArguments: [String]
     private let username: String?
     private let password: String?
-    private var process: Process?
+    private var process: ChildProcess?
 
     struct Missing: Error, CustomStringConvertible {
         var description: String {
@@ -45,61 +47,61 @@ final class RedisTestServer: @unchecked Sendable {
     /// Runs `body` against a fresh server and always stops it afterwards.
     /// `username`/`password` are the credentials ``unixConfiguration`` carries (for servers
     /// started with `--requirepass` or `--user` in `arguments`).
-    static func with<R>(tcp: Bool = false, arguments: [String] = [], username: String? = nil, password: String? = nil,
-                        _ body: (RedisTestServer) async throws -> R) async throws -> R {
+    public static func with<R>(tcp: Bool = false, arguments: [String] = [], username: String? = nil, password: String? = nil,
+                               _ body: (RedisTestServer) async throws -> R) async throws -> R {
         let server = try RedisTestServer(tcp: tcp, extraArguments: arguments, username: username, password: password)
-        defer { server.stop(); try? FileManager.default.removeItem(at: server.directory) }
-        try await server.start()
-        return try await body(server)
+        do {
+            try await server.start()
+            let result = try await body(server)
+            await server.stop()
+            try? FileManager.default.removeItem(at: server.directory)
+            return result
+        } catch {
+            await server.stop()
+            try? FileManager.default.removeItem(at: server.directory)
+            throw error
+        }
     }
 
-    static func executable() throws -> URL {
-        let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
-        let dirs = path.split(separator: ":").map(String.init) + ["/usr/bin", "/usr/local/bin", "/opt/homebrew/bin"]
-        for dir in dirs {
-            let candidate = URL(fileURLWithPath: dir).appendingPathComponent("redis-server")
-            if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
-        }
-        throw Missing()
+    /// The `redis-server` executable.
+    public static func executable() throws -> URL {
+        guard let url = ChildProcess.which("redis-server") else { throw Missing() }
+        return url
     }
 
     /// Starts (or restarts) the server on the same socket, port and directory.
-    func start() async throws {
-        let p = Process()
-        p.executableURL = try Self.executable()
-        p.arguments = [
+    public func start() async throws {
+        let p = try ChildProcess(try Self.executable(), [
             "--port", "\(tcpPort ?? 0)", "--bind", "127.0.0.1",
             "--unixsocket", socketPath, "--unixsocketperm", "700",
             "--save", "", "--appendonly", "no", "--dir", directory.path,
             "--logfile", directory.appendingPathComponent("redis.log").path,
-        ] + extraArguments
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
+        ] + extraArguments, outputIn: directory, name: "redis-server")
         process = p
-        let probe = unixConfiguration
+        var probeConfig = unixConfiguration
+        probeConfig.connectAttempts = 1
+        let probe = try RedisDedupeStore(configuration: RedisDedupeStore.Configuration(redis: probeConfig))
         for _ in 0..<200 {
-            if let c = try? RedisConnection.connect(probe), (try? c.command([Array("PING".utf8)])) == .status("PONG") { return }
+            if (try? await probe.ping()) != nil { return }
+            if !p.isRunning { break }
             try await Task.sleep(for: .milliseconds(50))
         }
         let log = (try? String(contentsOf: directory.appendingPathComponent("redis.log"), encoding: .utf8)) ?? ""
-        stop()
+        await stop()
         throw NotReady(log: log)
     }
 
     /// Stops the server (SIGKILL: nothing is saved, like a crash) and waits for it to exit.
-    func stop() {
+    public func stop() async {
         guard let p = process else { return }
         process = nil
-        if p.isRunning {
-            kill(p.processIdentifier, SIGKILL)
-        }
-        p.waitUntilExit()
+        p.kill()
+        await p.wait()
         unlink(socketPath)
     }
 
     /// The server's unix socket, with the server's credentials.
-    var unixConfiguration: RedisConfiguration {
+    public var unixConfiguration: RedisConfiguration {
         var c = RedisConfiguration.testing(socketPath)
         c.username = username
         c.password = password
@@ -124,7 +126,7 @@ final class RedisTestServer: @unchecked Sendable {
 
 extension RedisConfiguration {
     /// A unix-socket configuration with short timeouts and backoffs for tests.
-    static func testing(_ socketPath: String) -> RedisConfiguration {
+    public static func testing(_ socketPath: String) -> RedisConfiguration {
         var c = RedisConfiguration()
         c.endpoint = .unix(path: socketPath)
         c.connectTimeout = .seconds(1)
@@ -137,7 +139,7 @@ extension RedisConfiguration {
 
 extension RedisDedupeStore {
     /// A store on `server` with a unique prefix.
-    static func testing(_ server: RedisTestServer, clock: any WallClock, retention: Duration? = nil) throws -> RedisDedupeStore {
+    public static func testing(_ server: RedisTestServer, clock: any WallClock, retention: Duration? = nil) throws -> RedisDedupeStore {
         var c = RedisDedupeStore.Configuration(redis: server.unixConfiguration)
         c.keyPrefix = "test-\(UInt32.random(in: 0...UInt32.max)):"
         c.retention = retention

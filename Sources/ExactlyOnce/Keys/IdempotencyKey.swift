@@ -80,7 +80,7 @@ public struct IdempotencyKey: Hashable, Sendable, Comparable, CustomStringConver
 
     public static func < (lhs: IdempotencyKey, rhs: IdempotencyKey) -> Bool { lhs.rawValue < rhs.rawValue }
 
-    static func abbreviate(_ s: String) -> String {
+    package static func abbreviate(_ s: String) -> String {
         let utf8 = s.utf8
         guard utf8.count > 64 else { return s }
         let head = String(decoding: utf8.prefix(40), as: UTF8.self)

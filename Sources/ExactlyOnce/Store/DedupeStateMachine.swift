@@ -2,35 +2,35 @@
 /// in-memory index. The in-memory store runs it behind a lock; the file store runs it and
 /// journals the resulting records. Keeping the rules in one place means every store that uses
 /// it answers the conformance suite the same way.
-public struct DedupeStateMachine: Sendable {
+package struct DedupeStateMachine: Sendable {
     /// Records by key.
-    public private(set) var records: [IdempotencyKey: DedupeRecord] = [:]
+    package private(set) var records: [IdempotencyKey: DedupeRecord] = [:]
     /// Transactional state by key.
-    public private(set) var state: [String: VersionedValue] = [:]
+    package private(set) var state: [String: VersionedValue] = [:]
     /// Highest epoch seen per fence scope.
-    public private(set) var fences: [String: UInt64] = [:]
+    package private(set) var fences: [String: UInt64] = [:]
     /// The last token handed out.
-    public private(set) var lastToken: UInt64 = 0
+    package private(set) var lastToken: UInt64 = 0
     /// How long completed records are kept (nil: forever).
-    public var retention: Duration?
+    package var retention: Duration?
     /// Whether operations report their ``Change``s (journaling stores need them; the in-memory
     /// store does not, and skipping them keeps its hot path free of copies).
-    public var recordsChanges: Bool
+    package var recordsChanges: Bool
 
     /// Creates an empty state machine.
-    public init(retention: Duration?, recordsChanges: Bool = true) {
+    package init(retention: Duration?, recordsChanges: Bool = true) {
         self.retention = retention
         self.recordsChanges = recordsChanges
     }
 
     /// Reserves room for `records` dedupe records and as many state keys.
-    public mutating func reserveCapacity(_ records: Int) {
+    package mutating func reserveCapacity(_ records: Int) {
         self.records.reserveCapacity(records)
         self.state.reserveCapacity(records)
     }
 
     /// A change the machine made, for journaling stores.
-    public enum Change: Sendable, Hashable {
+    package enum Change: Sendable, Hashable {
         /// A record was created or replaced.
         case record(DedupeRecord)
         /// A record was removed (expired or evicted).
@@ -54,7 +54,7 @@ public struct DedupeStateMachine: Sendable {
     }
 
     /// Applies a batch of claims; `changes` receives what changed.
-    public mutating func claim(_ requests: [ClaimRequest], now: Timestamp, changes: inout [Change]) throws -> [ClaimResult] {
+    package mutating func claim(_ requests: [ClaimRequest], now: Timestamp, changes: inout [Change]) throws -> [ClaimResult] {
         for r in requests { try checkFence(r.fence) }
         for r in requests {
             if let f = r.fence, (fences[f.scope] ?? 0) < f.epoch {
@@ -130,7 +130,7 @@ public struct DedupeStateMachine: Sendable {
 
     /// Applies a completion. Returns false when it was an idempotent repeat.
     @discardableResult
-    public mutating func complete(_ completion: Completion, now: Timestamp, changes: inout [Change]) throws -> Bool {
+    package mutating func complete(_ completion: Completion, now: Timestamp, changes: inout [Change]) throws -> Bool {
         try checkFence(completion.claim.fence)
         let claim = completion.claim
         guard let index = records.index(forKey: claim.key) else {
@@ -164,7 +164,7 @@ public struct DedupeStateMachine: Sendable {
     }
 
     /// Applies a release.
-    public mutating func release(_ claim: Claim, reason: String, now: Timestamp, changes: inout [Change]) throws {
+    package mutating func release(_ claim: Claim, reason: String, now: Timestamp, changes: inout [Change]) throws {
         var record = try checkOwner(claim, now: now)
         guard record.phase == .inProgress else {
             if record.phase == .released { return }
@@ -177,7 +177,7 @@ public struct DedupeStateMachine: Sendable {
     }
 
     /// Removes completed records whose retention ended; returns how many.
-    public mutating func purgeExpired(now: Timestamp, changes: inout [Change]) -> Int {
+    package mutating func purgeExpired(now: Timestamp, changes: inout [Change]) -> Int {
         let expired = records.values.filter { !isLive($0, now: now) }.map(\.key)
         for key in expired {
             records[key] = nil
@@ -187,7 +187,7 @@ public struct DedupeStateMachine: Sendable {
     }
 
     /// Removes up to `count` completed records, oldest completion first (by token order).
-    public mutating func evictOldestCompleted(_ count: Int, changes: inout [Change]) -> Int {
+    package mutating func evictOldestCompleted(_ count: Int, changes: inout [Change]) -> Int {
         let victims = records.values.filter { $0.phase == .completed }.sorted { $0.token < $1.token }.prefix(count).map(\.key)
         for key in victims {
             records[key] = nil
@@ -197,7 +197,7 @@ public struct DedupeStateMachine: Sendable {
     }
 
     /// Re-applies a journaled change (recovery).
-    public mutating func replay(_ change: Change) {
+    package mutating func replay(_ change: Change) {
         switch change {
         case .record(let r):
             records[r.key] = r
@@ -211,15 +211,43 @@ public struct DedupeStateMachine: Sendable {
 
     /// Raises the last token handed out to at least `token` (recovery of a compacted journal,
     /// where the record that held the highest token may be gone), so tokens never repeat.
-    public mutating func raiseLastToken(to token: UInt64) {
+    package mutating func raiseLastToken(to token: UInt64) {
         lastToken = max(lastToken, token)
     }
 
+    /// Makes a dead-lettered key claimable again with no attempts charged (dead-letter replay).
+    /// Returns false, changing nothing, for any other record.
+    package mutating func reopenDeadLettered(_ key: IdempotencyKey, now: Timestamp, changes: inout [Change]) -> Bool {
+        guard var record = records[key], record.phase == .completed, record.outcome?.status == .deadLettered else { return false }
+        record.phase = .released
+        record.attempts = 0
+        record.lastFailure = "reopened for dead-letter replay (was: \(String((record.outcome?.detailText ?? "").prefix(200))))"
+        record.outcome = nil
+        record.expiresAt = nil
+        record.leaseExpiresAt = now
+        records[key] = record
+        if recordsChanges { changes.append(.record(record)) }
+        return true
+    }
+
+    /// A page of live records matching `query`, in key order; the cursor is the last key's raw value.
+    package func list(_ query: RecordQuery, now: Timestamp) throws -> RecordPage {
+        let limit = try query.validatedLimit()
+        var matching: [DedupeRecord] = []
+        for r in records.values where isLive(r, now: now) && query.matches(r) {
+            if let cursor = query.cursor, r.key.rawValue <= cursor { continue }
+            matching.append(r)
+        }
+        matching.sort { $0.key < $1.key }
+        let page = Array(matching.prefix(limit))
+        return RecordPage(records: page, nextCursor: matching.count > limit ? page.last?.key.rawValue : nil)
+    }
+
     /// Reads one state value.
-    public func readState(_ key: String) -> VersionedValue { state[key] ?? VersionedValue(value: nil, version: 0) }
+    package func readState(_ key: String) -> VersionedValue { state[key] ?? VersionedValue(value: nil, version: 0) }
 
     /// Reads state.
-    public func readState(_ keys: [String]) -> [String: VersionedValue] {
+    package func readState(_ keys: [String]) -> [String: VersionedValue] {
         var out: [String: VersionedValue] = [:]
         for k in keys { out[k] = state[k] ?? VersionedValue(value: nil, version: 0) }
         return out

@@ -4,8 +4,8 @@ import Synchronization
 ///
 /// Bounded by ``Configuration/capacity`` records. When a claim would exceed it, expired records
 /// are purged first; if that is not enough, ``Configuration/EvictionPolicy`` decides:
-/// `.rejectNewClaims` (default) fails the claim with the retriable
-/// ``ExactlyOnceError/Code/capacityExceeded`` and keeps every guarantee; `.evictOldestCompleted`
+/// `.rejectNewClaims` (default) fails the claim with the non-retriable
+/// ``ExactlyOnceError/Code/capacityExceeded`` (the consumer stops with it) and keeps every guarantee; `.evictOldestCompleted`
 /// forgets the oldest completed records, so a redelivery of one of those would be processed again
 /// (G3 then holds only for records younger than the eviction horizon).
 ///
@@ -66,7 +66,7 @@ public final class InMemoryDedupeStore: DedupeStore {
                         _ = s.machine.evictOldestCompleted(over, changes: &s.changes)
                     }
                     if s.machine.records.count + fresh > configuration.capacity {
-                        throw ExactlyOnceError(.capacityExceeded, "in-memory store is full (\(configuration.capacity) records)")
+                        throw ExactlyOnceError(.capacityExceeded, "the in-memory store is full: \(configuration.capacity) records are live and its eviction policy keeps them; raise Configuration.capacity, set a retention, or choose .evictOldestCompleted")
                     }
                 }
             }
@@ -123,6 +123,19 @@ public final class InMemoryDedupeStore: DedupeStore {
             var out: [IdempotencyKey: DedupeRecord] = [:]
             for k in keys { if let r = s.machine.records[k] { out[k] = r } }
             return out
+        }
+    }
+
+    public func listRecords(_ query: RecordQuery) async throws -> RecordPage {
+        let now = clock.now()
+        return try state.withLock { try $0.machine.list(query, now: now) }
+    }
+
+    public func reopenDeadLettered(_ key: IdempotencyKey) async throws -> Bool {
+        let now = clock.now()
+        return state.withLock { s in
+            s.changes.removeAll(keepingCapacity: true)
+            return s.machine.reopenDeadLettered(key, now: now, changes: &s.changes)
         }
     }
 

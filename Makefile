@@ -2,26 +2,43 @@
 SWIFT ?= swift
 SWIFT_FLAGS ?= -Xswiftc -warnings-as-errors
 
-.PHONY: demo test bench build clean deps
+.PHONY: demo test bench build docs clean deps-demo deps-test deps-bench check-demo-deps
 
-demo:
+# The flash sale on the embedded default (no server needed). Installs what the demo links first.
+demo: deps-demo
 	$(SWIFT) run -c release coupon-demo
 
-build:
+build: deps-demo
 	$(SWIFT) build $(SWIFT_FLAGS)
 
-# Installs what the tests need when missing (Debian: libhiredis-dev, redis-server), then runs
-# every test with warnings as errors. Tests that need Redis start their own throwaway server.
-test: deps
+# Installs what the tests need when missing (Debian: the C client libraries and the servers the
+# tests start themselves), then runs every test with warnings as errors, and builds the DocC
+# catalogs with warnings as errors.
+test: deps-test check-demo-deps
 	$(SWIFT) build --build-tests $(SWIFT_FLAGS)
 	$(SWIFT) test --skip-build
+	$(MAKE) docs
 
-deps:
-	@bash scripts/install-deps.sh
+# DocC for every library product, with the docc that ships with the toolchain.
+docs:
+	bash scripts/build-docs.sh
 
 # Release-mode benchmarks; the last line printed is one JSON object.
-bench: deps
+bench: deps-bench
 	cd Benchmarks && $(SWIFT) run -c release bench
+
+deps-demo:
+	@bash scripts/install-deps.sh demo
+
+deps-test:
+	@bash scripts/install-deps.sh test
+
+deps-bench:
+	@bash scripts/install-deps.sh bench
+
+# Fails when the demo links a system library that `make demo` would not install.
+check-demo-deps:
+	@python3 scripts/check-demo-deps.py
 
 clean:
 	rm -rf .build Benchmarks/.build

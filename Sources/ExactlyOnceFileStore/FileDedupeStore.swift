@@ -92,7 +92,7 @@ public struct CompactionReport: Sendable, Hashable {
 /// with group commit, recovery on open and compaction.
 ///
 /// Every operation (a claim batch, a batch of completions with their effect writes, a release)
-/// is applied to an in-memory index (``DedupeStateMachine``, the same rules as every store) and
+/// is applied to an in-memory index (`DedupeStateMachine`, the same rules as every store) and
 /// appended to the journal as **one** checksummed record, and is acknowledged only after that
 /// record is on disk (`fdatasync`). A completion's effect writes are in the same record as the
 /// completion, so they are durable together or not at all (G3 across `kill -9` and power loss,
@@ -109,7 +109,7 @@ public struct CompactionReport: Sendable, Hashable {
 ///
 /// ## Failure
 /// If a write or sync fails the store stops (fail-stop): every waiting and later operation
-/// throws ``ExactlyOnceError/Code/storeUnavailable``; nothing whose sync failed is acknowledged.
+/// throws `ExactlyOnceError/Code/storeUnavailable`; nothing whose sync failed is acknowledged.
 /// Close it and open the directory again: recovery replays what reached the disk.
 ///
 /// ## Use
@@ -140,10 +140,10 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
     /// Opens (or creates) the store in `configuration.directory`: takes the directory's lock,
     /// replays the journal, cuts a torn tail, and starts the writer thread. The blocking work
     /// runs on a dedicated thread.
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` for a bad path or setting,
-    ///   ``ExactlyOnceError/Code/storeLocked`` when another open store holds the directory,
-    ///   ``ExactlyOnceError/Code/corruptData`` for a foreign or damaged journal (the files are
-    ///   left untouched), ``ExactlyOnceError/Code/ioFailure`` for I/O errors.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for a bad path or setting,
+    ///   `ExactlyOnceError/Code/storeLocked` when another open store holds the directory,
+    ///   `ExactlyOnceError/Code/corruptData` for a foreign or damaged journal (the files are
+    ///   left untouched), `ExactlyOnceError/Code/ioFailure` for I/O errors.
     public static func open(_ configuration: FileStoreConfiguration, clock: any WallClock = SystemWallClock(),
                             logger: Logger = Logger(label: "exactly-once.file-store", factory: { _ in SwiftLogNoOpLogHandler() })) async throws -> FileDedupeStore {
         try validate(configuration)
@@ -311,7 +311,7 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
     }
 
     /// Writes what is pending, stops the writer thread, and releases the directory's lock.
-    /// Later operations throw ``ExactlyOnceError/Code/shutDown``. Idempotent.
+    /// Later operations throw `ExactlyOnceError/Code/shutDown`. Idempotent.
     public func close() async {
         await core.close()
     }

@@ -6,7 +6,7 @@ import Darwin
 import ExactlyOnce
 
 /// Thin, checked wrappers over the POSIX calls the journal needs. Every failure becomes an
-/// ``ExactlyOnceError`` naming the path and `errno`; nothing traps.
+/// `ExactlyOnceError` naming the path and `errno`; nothing traps.
 enum Files {
     static func error(_ what: String, _ path: String, code: ExactlyOnceError.Code = .ioFailure) -> ExactlyOnceError {
         let e = errno

@@ -14,7 +14,7 @@ import Darwin
 /// never under a lock.
 ///
 /// Commands are never retried: after an I/O failure their outcome is unknown, so the caller
-/// gets ``ExactlyOnceError/Code/storeUnavailable`` and the connection is dropped. The next
+/// gets `ExactlyOnceError/Code/storeUnavailable` and the connection is dropped. The next
 /// operation on that slot reconnects, up to ``RedisConfiguration/connectAttempts`` times with
 /// exponential backoff.
 final class RedisClient: Sendable {
@@ -26,7 +26,7 @@ final class RedisClient: Sendable {
     let configuration: RedisConfiguration
 
     /// Creates the pool; connections open lazily on first use.
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration``.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration`.
     init(configuration: RedisConfiguration, logger: Logger) throws {
         try configuration.validate()
         _ = Self.ignoreSIGPIPE

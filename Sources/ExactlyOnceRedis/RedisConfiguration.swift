@@ -56,7 +56,7 @@ public struct RedisConfiguration: Sendable, CustomStringConvertible, CustomDebug
     /// Parses `redis://[user:password@]host[:port][/db]` or `unix:///path/to.sock[?db=N]`
     /// (user and password may be percent-encoded; `redis://:password@host` sets only a password).
     ///
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` for any other form. The error
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for any other form. The error
     ///   message never repeats the URL, which may hold a password.
     public init(url: String) throws {
         self.init()
@@ -146,7 +146,7 @@ public struct RedisConfiguration: Sendable, CustomStringConvertible, CustomDebug
         return String(validating: out, as: UTF8.self)
     }
 
-    /// Checks ranges. - Throws: ``ExactlyOnceError/Code/invalidConfiguration``.
+    /// Checks ranges. - Throws: `ExactlyOnceError/Code/invalidConfiguration`.
     func validate() throws {
         func bad(_ m: String) -> ExactlyOnceError { ExactlyOnceError(.invalidConfiguration, m) }
         guard poolSize >= 1 else { throw bad("poolSize must be at least 1, got \(poolSize)") }

@@ -25,7 +25,7 @@ final class RedisConnection {
     deinit { redisFree(context) }
 
     /// Connects, authenticates and selects the database.
-    /// - Throws: ``ExactlyOnceError/Code/storeUnavailable`` when any step fails; the context of
+    /// - Throws: `ExactlyOnceError/Code/storeUnavailable` when any step fails; the context of
     ///   a failed attempt is freed before throwing.
     static func connect(_ configuration: RedisConfiguration) throws -> RedisConnection {
         let connectTimeout = makeTimeval(configuration.connectTimeout)
@@ -88,7 +88,7 @@ final class RedisConnection {
 
     /// Appends every command to the output buffer, then reads one reply per command: one round
     /// trip for the whole list. An I/O failure breaks the connection and throws
-    /// ``ExactlyOnceError/Code/storeUnavailable`` (some commands may have run).
+    /// `ExactlyOnceError/Code/storeUnavailable` (some commands may have run).
     func pipeline(_ commands: [[[UInt8]]]) throws -> [RedisReply] {
         guard !isBroken else { throw ExactlyOnceError(.storeUnavailable, "Redis connection is broken") }
         for argv in commands {

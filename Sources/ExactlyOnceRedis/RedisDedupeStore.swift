@@ -6,7 +6,7 @@ import Logging
 /// each one atomic unit on the server.
 ///
 /// ## Time
-/// Leases and retention deadlines use the injected ``WallClock`` (the client's clock), passed to
+/// Leases and retention deadlines use the injected `WallClock` (the client's clock), passed to
 /// the scripts as an argument: tests can use a manual clock, and lease arithmetic is the same as
 /// in the other stores. Run clients with synchronised clocks (NTP); a client whose clock runs
 /// ahead can take over a lease early. Completed records also get a Redis TTL (`PEXPIRE`) of
@@ -20,8 +20,8 @@ import Logging
 ///
 /// ## Failures (F8)
 /// When Redis cannot be reached, or a command's reply is lost, operations throw the retriable
-/// ``ExactlyOnceError/Code/storeUnavailable``: the operation may or may not have happened, and
-/// the caller claims again before acting. A claim never answers ``ClaimResult/new(_:)`` without
+/// `ExactlyOnceError/Code/storeUnavailable`: the operation may or may not have happened, and
+/// the caller claims again before acting. A claim never answers `ClaimResult/new(_:)` without
 /// a claim recorded by the server.
 public final class RedisDedupeStore: DedupeStore {
     /// Configuration of the Redis store.
@@ -50,7 +50,7 @@ public final class RedisDedupeStore: DedupeStore {
     ///   - configuration: where Redis is and how keys are named.
     ///   - clock: the time used for leases and retention. Default: the system clock.
     ///   - logger: where connection events go (info and below). Default: discards everything.
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` for out-of-range values.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for out-of-range values.
     public init(configuration: Configuration = .init(), clock: any WallClock = SystemWallClock(),
                 logger: Logger = Logger(label: "exactly-once.redis", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         if let retention = configuration.retention, retention <= .zero {
@@ -64,7 +64,7 @@ public final class RedisDedupeStore: DedupeStore {
     }
 
     /// Creates a store for `url` (see ``RedisConfiguration/init(url:)``) with `keyPrefix`.
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration``.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration`.
     public convenience init(url: String, keyPrefix: String = "exactly-once:", retention: Duration? = nil,
                             clock: any WallClock = SystemWallClock(),
                             logger: Logger = Logger(label: "exactly-once.redis", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
@@ -79,7 +79,7 @@ public final class RedisDedupeStore: DedupeStore {
 
     // MARK: - Operations
 
-    /// Claims keys in one script call, answering each request in order (see ``DedupeStore``).
+    /// Claims keys in one script call, answering each request in order (see `DedupeStore`).
     public func claim(_ requests: [ClaimRequest]) async throws -> [ClaimResult] {
         if requests.isEmpty { return [] }
         let now = clock.now()
@@ -273,7 +273,7 @@ public final class RedisDedupeStore: DedupeStore {
         return removed
     }
 
-    /// Sends `PING`; throws ``ExactlyOnceError/Code/storeUnavailable`` when Redis does not answer.
+    /// Sends `PING`; throws `ExactlyOnceError/Code/storeUnavailable` when Redis does not answer.
     public func ping() async throws {
         let reply = try await client.command("PING")
         guard case .status("PONG") = reply else { throw ReplyDecoding.unexpected("PING", reply) }

@@ -57,14 +57,14 @@ enum RedisReply: Sendable, Hashable {
 }
 
 /// Turning replies into the values the store expects. Every function here throws
-/// ``ExactlyOnceError`` for a reply it does not expect; none of them traps.
+/// `ExactlyOnceError` for a reply it does not expect; none of them traps.
 enum ReplyDecoding {
     /// Server error classes that a retry can get past (a server starting, busy, failing over,
     /// or out of memory until TTLs free some); every other error reply is a refusal.
     static let transientErrorClasses: Set<String> = ["LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "READONLY", "OOM"]
 
     /// The error for a reply `what` did not expect: a server error reply is
-    /// ``ExactlyOnceError/Code/storeFailure`` (or `storeUnavailable` for the transient classes),
+    /// `ExactlyOnceError/Code/storeFailure` (or `storeUnavailable` for the transient classes),
     /// with the error class as the cause's code; any other unexpected reply (a damaged or
     /// hostile answer) is `storeUnavailable`: it costs a retry, it is never trusted.
     static func unexpected(_ what: String, _ reply: RedisReply) -> ExactlyOnceError {

@@ -3,8 +3,8 @@ import ExactlyOnce
 extension RedisStreamsTransport {
     /// The end offset (the offset the next published record gets) of every partition of
     /// `topic`, for operations, lag reports and publishers that resume. Reads Redis only.
-    /// - Throws: ``ExactlyOnceError/Code/transportFailure`` for an unknown topic,
-    ///   ``ExactlyOnceError/Code/storeUnavailable`` when Redis is unreachable.
+    /// - Throws: `ExactlyOnceError/Code/transportFailure` for an unknown topic,
+    ///   `ExactlyOnceError/Code/storeUnavailable` when Redis is unreachable.
     public func endOffsets(topic: String) async throws -> [PartitionID: Offset] {
         return try await transportCall {
             let count = try await partitionCount(of: topic)

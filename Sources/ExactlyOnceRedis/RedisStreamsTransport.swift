@@ -2,7 +2,7 @@ import ExactlyOnce
 import Logging
 import Synchronization
 
-/// A durable ``MessageTransport`` on Redis Streams: one stream per partition, read through a
+/// A durable `MessageTransport` on Redis Streams: one stream per partition, read through a
 /// Redis consumer group per group, Kafka-style committed offsets, and partition ownership decided
 /// in Redis, so members in different processes split a topic and each partition has one owner at
 /// a time.
@@ -12,7 +12,7 @@ import Synchronization
 ///   allocated with `INCR` in the same script as the `XADD`, so offsets are dense and ordered.
 /// - Every group is a Redis consumer group (`XGROUP CREATE ... 0 MKSTREAM`) on each partition
 ///   stream; each member is the Redis consumer named by its member id.
-/// - Members heartbeat on every ``TransportSubscription/poll(maxRecords:)``; a member whose
+/// - Members heartbeat on every `TransportSubscription/poll(maxRecords:)`; a member whose
 ///   session lapsed (``Configuration/sessionTimeout``) is dropped. Any membership change raises
 ///   the group's generation. Partitions go to the sorted live members round-robin; every change
 ///   of a partition's owner draws a new epoch from one `INCR` counter, so epochs only grow. Only
@@ -22,7 +22,7 @@ import Synchronization
 ///   pending entries from there and returns them in order; entries no longer pending (after a
 ///   seek below the committed offset) are read with `XRANGE`. Ownership is decided by the lease
 ///   in Redis, not by idle time, so the claim uses min-idle 0.
-/// - A commit is one script: refused with ``ExactlyOnceError/Code/staleGeneration`` unless the
+/// - A commit is one script: refused with `ExactlyOnceError/Code/staleGeneration` unless the
 ///   generation is current and the member owns every partition committed; otherwise it stores
 ///   the next offset to read and `XACK`s every entry pending below it.
 ///
@@ -47,7 +47,7 @@ public final class RedisStreamsTransport: MessageTransport {
     let clock: any WallClock
 
     /// Creates a transport. No connection is made until the first operation.
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration``.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration`.
     public init(configuration: Configuration = .init(), clock: any WallClock = SystemWallClock(),
                 logger: Logger = Logger(label: "exactly-once.redis-streams", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         guard configuration.sessionTimeout > .zero else {
@@ -61,7 +61,7 @@ public final class RedisStreamsTransport: MessageTransport {
     func topicKey(_ topic: String, _ suffix: String) -> [UInt8] { Array("\(configuration.keyPrefix)t:\(topic):\(suffix)".utf8) }
 
     /// Creates `topic` with `partitions` partitions; creating it again with the same count is a no-op.
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` when it exists with another count.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` when it exists with another count.
     public func createTopic(_ topic: String, partitions: Int) async throws {
         return try await transportCall {
             guard partitions >= 1 else { throw ExactlyOnceError(.invalidConfiguration, "a topic needs at least one partition") }
@@ -75,7 +75,7 @@ public final class RedisStreamsTransport: MessageTransport {
     }
 
     /// The number of partitions of `topic`.
-    /// - Throws: ``ExactlyOnceError/Code/unknownTopic`` for an unknown topic.
+    /// - Throws: `ExactlyOnceError/Code/unknownTopic` for an unknown topic.
     public func partitionCount(of topic: String) async throws -> Int {
         return try await transportCall {
             let reply = try await client.command([Array("GET".utf8), topicKey(topic, "n")])
@@ -125,7 +125,7 @@ public final class RedisStreamsTransport: MessageTransport {
     }
 
     /// Runs a transport operation; a Redis that cannot be reached (or answers nonsense) is
-    /// ``ExactlyOnceError/Code/transportUnavailable`` here, a refusal ``ExactlyOnceError/Code/transportFailure``.
+    /// `ExactlyOnceError/Code/transportUnavailable` here, a refusal `ExactlyOnceError/Code/transportFailure`.
     func transportCall<T>(_ body: () async throws -> T) async throws -> T {
         do {
             return try await body()
@@ -541,7 +541,7 @@ public final class RedisStreamsSubscription: TransportSubscription {
     }
 
     /// Stores committed offsets and acknowledges (`XACK`) every pending entry below them, in one
-    /// script, or throws ``ExactlyOnceError/Code/staleGeneration`` and stores and acknowledges
+    /// script, or throws `ExactlyOnceError/Code/staleGeneration` and stores and acknowledges
     /// nothing.
     public func commit(_ offsets: [PartitionID: Offset], generation: UInt64) async throws {
         return try await transportCall {

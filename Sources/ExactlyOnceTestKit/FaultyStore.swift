@@ -5,7 +5,7 @@ import Synchronization
 /// reaches the store, or after it was applied (the caller then does not know it happened, the
 /// hardest case for a client).
 ///
-/// The wrapped store's own ``DedupeStore/Transaction`` and ``CompletionBatch`` are kept: the
+/// The wrapped store's own `DedupeStore/Transaction` and `CompletionBatch` are kept: the
 /// batch is wrapped in a ``FaultyBatch`` whose commits (and handlers' reads, before the handler
 /// runs) fail the same way.
 public final class FaultyStore<Base: DedupeStore>: DedupeStore {

@@ -34,7 +34,7 @@ public struct SimulationConfiguration: Sendable {
     public var maxTicks = 4_000
     /// Steps allowed to drain after the fault phase. Default: 4,000.
     public var maxDrainSteps = 4_000
-    /// The consumers' ordering mode. Default: ``Ordering/partition``.
+    /// The consumers' ordering mode. Default: `Ordering/partition`.
     public var ordering: Ordering = .partition
     /// Creates a configuration.
     public init(seed: UInt64) { self.seed = seed }
@@ -78,7 +78,7 @@ public struct SimulationReport: Sendable {
 /// It runs a consumer group over the in-memory transport and a store of your choice with a
 /// manual clock, all on one task, so a run is a pure function of the seed. It publishes your
 /// records (with producer retries, F9) while members poll and process them through
-/// ``ExactlyOnceConsumer``, and injects, by seed: crashes at every failure point (F1-F6),
+/// `ExactlyOnceConsumer`, and injects, by seed: crashes at every failure point (F1-F6),
 /// rebalances (F7), an unreachable store (F8), zombies whose lease and session lapsed while
 /// paused (F11). Poison records (F12) and conflicting payloads (F10) come from your workload and
 /// handler. After the fault phase it drains without faults and reports whether every partition
@@ -130,7 +130,7 @@ public final class Simulator<Store: DedupeStore> {
     /// Runs the simulation and returns its report and the (unwrapped) store.
     /// - Parameters:
     ///   - records: the workload, in publish order.
-    ///   - partitioning: how records are partitioned (for the coupon sale, ``Partitioning/modulo``).
+    ///   - partitioning: how records are partitioned (for the coupon sale, `Partitioning/modulo`).
     ///   - makeStore: makes the store under test from the simulator's clock.
     ///   - key: the key extractor.
     ///   - handler: your handler.

@@ -1,7 +1,7 @@
 import ExactlyOnce
 
 /// The dedupe-store conformance suite. Every store (in-memory, file, Redis, or yours) must pass
-/// it; it checks the contract written on ``DedupeStore``.
+/// it; it checks the contract written on `DedupeStore`.
 ///
 /// ```swift
 /// @Test func conforms() async throws {
@@ -20,8 +20,8 @@ public enum StoreConformance {
         "prefetch-charges-first-grant", "batch-completion-prefix", "reopen-dead-lettered", "list-records",
     ]
 
-    /// The checks of a store's ``CompletionBatch`` for key-value stores (run by
-    /// ``run(makeStore:)`` when the store's transaction is ``EffectTransaction``).
+    /// The checks of a store's `CompletionBatch` for key-value stores (run by
+    /// `run(makeStore:)` when the store's transaction is `EffectTransaction`).
     public static let batchChecks = ["batch-perform-commit", "batch-discard", "batch-overlay"]
 
     /// Runs every check against fresh stores from `makeStore`.

@@ -1,7 +1,7 @@
 import ExactlyOnce
 
 /// The transport conformance suite: every transport must pass it. It checks the contract on
-/// ``MessageTransport``: positions, ordering, group assignment, epochs, committed offsets,
+/// `MessageTransport`: positions, ordering, group assignment, epochs, committed offsets,
 /// redelivery and refusal of stale commits.
 ///
 /// `makeTransport(topic, partitions)` must return a transport where `topic` exists with

@@ -5,16 +5,22 @@ import Synchronization
 
 /// The consumer wrapper (claims, transactional effect, completion, commits) against a bare loop
 /// that polls the same transport and applies the same effect to the same kind of state without
-/// dedupe or commits. Both single-threaded, same records, same run.
-func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 4) async throws -> [String: Double] {
+/// dedupe or commits. One partition, so both are one sequential lane; same records, same run.
+func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 1) async throws -> [String: Double] {
     let requests = (0..<records).map { i in
         CouponRequest(requestId: Int64(i), couponId: Int64(i % 64), memberId: Int64(i))
     }
     let stock = Dictionary(uniqueKeysWithValues: (0..<64).map { (Int64($0), Int64(records)) })
 
-    func makeTransport() throws -> InMemoryTransport {
+    func makeTransport() async throws -> InMemoryTransport {
         let t = try InMemoryTransport(topics: ["bench": partitions, "bench.dlq": 1])
-        for r in requests { _ = try t.publishSync(r.outgoing, to: "bench", partitioning: .modulo) }
+        var i = 0
+        while i < requests.count {
+            let batch = requests[i..<min(i + 4096, requests.count)].map(\.outgoing)
+            let report = try await t.publish(batch, to: "bench", partitioning: .modulo)
+            precondition(report.allAccepted)
+            i += batch.count
+        }
         return t
     }
 
@@ -22,13 +28,13 @@ func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 4) async th
     var bareBest = Double.infinity
     var consumerBest = Double.infinity
     for _ in 0..<3 {
-        let t = try makeTransport()
+        let t = try await makeTransport()
         let state = Mutex<[String: [UInt8]]>([:])
         let sub = try await t.subscribe(topic: "bench", group: "bare", memberID: "bare")
         let start = ContinuousClock.now
         var seen = 0
         while seen < records {
-            let batch = try sub.pollSync(maxRecords: 512)
+            let batch = try await sub.poll(maxRecords: 512)
             for r in batch.records {
                 let (c, m) = try CouponRequest.decode(r.payload)
                 state.withLock { s in
@@ -46,14 +52,14 @@ func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 4) async th
     }
 
     for _ in 0..<3 {
-        let t = try makeTransport()
+        let t = try await makeTransport()
         let store = try InMemoryDedupeStore(configuration: {
             var c = InMemoryDedupeStore.Configuration()
             c.capacity = records * 2
             return c
         }())
         var config = ConsumerConfiguration(topic: "bench", group: "eo", memberID: "eo")
-        config.concurrentLanes = false
+        config.pollWait = .zero
         let consumer = try ExactlyOnceConsumer(
             transport: t, store: store, configuration: config, logger: Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() }),
             key: CouponRequest.keyExtractor, handler: CouponIssuer(stock: stock).handler)

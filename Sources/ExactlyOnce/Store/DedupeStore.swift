@@ -14,7 +14,7 @@
 /// - A request whose fence epoch is lower than the highest seen in its scope throws
 ///   ``ExactlyOnceError/Code/fenced`` for the whole batch; a higher epoch raises the scope's
 ///   epoch. Scopes are independent: an epoch seen in one scope never fences another.
-/// - ``complete(_:)`` succeeds only for the key's current token, while its lease runs and its
+/// - `complete(_:)` succeeds only for the key's current token, while its lease runs and its
 ///   fence is current; otherwise ``ExactlyOnceError/Code/fenced`` and nothing is written. The
 ///   effect's reads are validated and its writes applied in the same atomic step. Completing
 ///   again with the same token after success succeeds without writing again (idempotent retry
@@ -31,7 +31,7 @@
 /// did together with the record's completion through a ``CompletionBatch`` the store makes.
 /// Key-value stores (in memory, the file store, Redis) use the defaults: the transaction is an
 /// ``EffectTransaction`` whose buffered writes travel with the ``Completion``, and the batch is
-/// a ``KeyValueBatch`` that sends completions with ``complete(_:)-([Completion])``. A store
+/// a ``KeyValueBatch`` that sends completions with `complete(_:)` (the batch form). A store
 /// that lives in the user's own database can instead hand the handler a live database
 /// transaction and complete the records inside it (see ``CompletionBatch``).
 public protocol DedupeStore<Transaction>: Sendable {
@@ -98,7 +98,7 @@ public struct CompletionBatchOptions: Sendable, Hashable {
 /// before a claim that must see it, and at the end of the lane; ``discard()`` when the lane
 /// stops early (a crash, a pause) so nothing staged survives.
 ///
-/// Implementations: ``KeyValueBatch`` (buffered writes sent with ``DedupeStore/complete(_:)-([Completion])``)
+/// Implementations: ``KeyValueBatch`` (buffered writes sent with `complete(_:)` (the batch form))
 /// and, for a store in the user's database, a database transaction in which each handler runs
 /// under a savepoint and each completion is a conditional update (token, lease and fence
 /// checked) in the same transaction.

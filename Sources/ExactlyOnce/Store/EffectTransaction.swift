@@ -71,7 +71,7 @@ final class PendingEffects: @unchecked Sendable {
 
 /// The completion batch of key-value stores: a handler's effect is an ``EffectTransaction``
 /// whose reads and buffered writes travel with its ``Completion``; ``commit()`` sends the staged
-/// completions in one ``DedupeStore/complete(_:)-([Completion])`` call, which the store applies
+/// completions in one `complete(_:)` (the batch form) call, which the store applies
 /// atomically per completion (G3), in order, stopping at the first it refuses.
 ///
 /// Handlers of later records in the batch read the staged writes of earlier ones (an overlay),

@@ -135,9 +135,9 @@ public struct PartitionStatus: Sendable, Hashable {
 /// A broker-agnostic message transport: partitioned topics, consumer groups, manual commits.
 ///
 /// ## Contract (checked by `TransportConformance` in the test kit)
-/// - ``publish(_:to:partitioning:)-(OutgoingRecord,_,_)`` returns the record's position once the
+/// - `publish(_:to:partitioning:)` of one record returns the record's position once the
 ///   transport confirmed it; offsets in a partition are strictly increasing in publish order.
-///   ``publish(_:to:partitioning:)-([OutgoingRecord],_,_)`` publishes a batch and reports each
+///   `publish(_:to:partitioning:)` of an array publishes a batch and reports each
 ///   record: per partition, the accepted records are a prefix of that partition's records in
 ///   the batch, in batch order, so per-key order holds within and across batches. Input that can
 ///   never be published (an unknown topic, a record whose partition cannot be resolved) throws

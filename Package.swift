@@ -95,6 +95,7 @@ let package = Package(
                 "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "ExactlyOnceFileStore", "TestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
             ]
         ),
     ]

@@ -1,5 +1,8 @@
 import Foundation
 import TestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
 import Testing
 
 /// Runs the built `coupon-demo` binary end to end (it sits next to the test bundle).
@@ -116,5 +119,89 @@ import Testing
         #expect(mod.out == "10\t1\n11\t2\n")
         #expect(mod.err.contains("non-negative"))
         #expect(mod.status == 1)
+    }
+
+    /// Output paths are written without replacing the node the user named: a regular file
+    /// atomically, a symlink's target (the link stays), a FIFO written through, a device written
+    /// through (its error reported), a directory refused.
+    @Test func outputPathsAreNeverReplaced() async throws {
+        let dir = try ScratchDirectory("demo-out")
+        defer { dir.cleanup() }
+        let small = ["--requests", "300", "--coupons", "2", "--stock", "10", "--members", "100", "--json"]
+        // A symlink to a regular file: the file gets the ledger, the link stays a link.
+        let target = dir.path + "/target.jsonl"
+        let link = dir.path + "/link.jsonl"
+        try "old".write(toFile: target, atomically: true, encoding: .utf8)
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: target)
+        let r1 = try await Self.run(small + ["--ledger", link])
+        #expect(r1.status == 0, "\(r1.err)")
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: link) == target, "the link is kept")
+        #expect(try String(contentsOfFile: target, encoding: .utf8).split(separator: "\n").count == 20, "the target holds the ledger")
+        // A FIFO: written through to its reader.
+        let fifo = dir.path + "/ledger.fifo"
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let reader = try ChildProcess(URL(fileURLWithPath: "/bin/cat"), [fifo])
+        let r2 = try await Self.run(small + ["--ledger", fifo])
+        #expect(r2.status == 0, "\(r2.err)")
+        await reader.wait(timeout: .seconds(30))
+        #expect(reader.stdout.split(separator: "\n").count == 20, "the FIFO's reader got the ledger")
+        var st = stat()
+        #expect(lstat(fifo, &st) == 0 && (st.st_mode & S_IFMT) == S_IFIFO, "the FIFO is still a FIFO")
+        // A device that refuses the write: a clear error, and the device is untouched.
+        let r3 = try await Self.run(small + ["--ledger", "/dev/full"])
+        #expect(r3.status == 1)
+        #expect(r3.err.contains("--ledger /dev/full") && r3.err.contains("write failed"), "\(r3.err)")
+        #expect(lstat("/dev/full", &st) == 0 && (st.st_mode & S_IFMT) == S_IFCHR, "/dev/full is still a character device")
+        // A directory: refused.
+        let r4 = try await Self.run(small + ["--requests-out", dir.path])
+        #expect(r4.status == 2)
+        #expect(r4.err.contains("is a directory"), "\(r4.err)")
+        // A regular file: replaced whole (no temporary files left behind).
+        let plain = dir.path + "/requests.jsonl"
+        try String(repeating: "stale\n", count: 5000).write(toFile: plain, atomically: true, encoding: .utf8)
+        let r5 = try await Self.run(small + ["--requests-out", plain])
+        #expect(r5.status == 0)
+        #expect(try String(contentsOfFile: plain, encoding: .utf8).split(separator: "\n").count == 300)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasSuffix(".tmp") }.isEmpty)
+    }
+
+    /// Flags a sale cannot serve get the same clear message and exit status as other bad flags.
+    @Test func flagsASaleCannotServeAreRefused() async throws {
+        let file = try ScratchDirectory("demo-flags")
+        defer { file.cleanup() }
+        let notADir = file.path + "/plain"
+        try "x".write(toFile: notADir, atomically: true, encoding: .utf8)
+        for (args, says) in [
+            (["--crash-rate", "1"], "too high for a sale to finish"),
+            (["--crash-rate", "0.5"], "too high for a sale to finish"),
+            (["--store", "file", "--data-dir", ""], "--data-dir needs a directory path"),
+            (["--store", "file", "--data-dir", notADir], "is not a directory"),
+            (["--store", "file", "--data-dir", notADir + "/sub"], "cannot be created"),
+            (["--requests=-1"], "--requests must be in"),
+        ] {
+            let r = try await Self.run(args)
+            #expect(r.status == 2, "\(args): \(r.err)")
+            #expect(r.err.hasPrefix("coupon-demo:") && r.err.contains(says), "\(args): \(r.err)")
+            #expect(!r.err.contains("NSCocoaErrorDomain") && !r.err.contains("Error Domain"), "no raw Foundation error dump: \(r.err)")
+        }
+    }
+
+    /// A long run on a terminal shows one progress line that updates in place; `--json` and
+    /// output that is not a terminal stay clean.
+    @Test func progressOnATerminalOnly() async throws {
+        guard let script = ChildProcess.which("script") else {
+            Issue.record("util-linux `script` is needed to give the demo a terminal")
+            return
+        }
+        let sale = "\(Self.binary.path) --requests 120000 --members 100000 --crash-rate 0"
+        let tty = try await ChildProcess.run(script, ["-qfec", sale, "/dev/null"])
+        #expect(tty.status == 0, "\(tty.err)")
+        #expect(tty.out.contains("\r  published") && tty.out.contains("records/s"), "a progress line on the terminal: \(tty.out.prefix(300))")
+        #expect(tty.out.contains("OK: every coupon went to exactly"))
+        let piped = try await Self.run(["--requests", "120000", "--members", "100000", "--crash-rate", "0"])
+        #expect(!piped.out.contains("\r") && !piped.out.contains("\u{1B}["), "no progress when standard output is not a terminal")
+        let json = try await ChildProcess.run(script, ["-qfec", sale + " --json", "/dev/null"])
+        #expect(!json.out.contains("published"), "no progress with --json")
+        #expect((try? JSONSerialization.jsonObject(with: Data(json.out.trimmingCharacters(in: .whitespacesAndNewlines).utf8))) != nil, "--json prints one JSON object: \(json.out.prefix(200))")
     }
 }

@@ -38,6 +38,7 @@ import Testing
         #expect(try IdempotencyKey(parts: [long, "1"]) == k1)
         // Stable across processes: pinned value (SHA-256 based, not Hasher).
         #expect(k1.rawValue.hasSuffix("#" + SHA256Digest.hex(SHA256Digest.hash(Array((long + ":1").utf8)).prefix(16))))
+        #expect(k1.rawValue == String(repeating: "x", count: 167) + "#7d96ea0a4e45d5cbebd7c51e437944fa", "pinned with hashlib")
         // A bounded key round-trips through its raw value.
         #expect(try IdempotencyKey(rawValue: k1.rawValue) == k1)
         // Multi-byte characters are not split.
@@ -63,6 +64,33 @@ import Testing
         #expect(SHA256Digest.hex(SHA256Digest.hash(Array("abc".utf8))) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
         let msg = Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)
         #expect(SHA256Digest.hex(SHA256Digest.hash(msg)) == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
+        // NIST FIPS 180-2 long messages: 896 bits, and one million "a".
+        let long = Array("abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmnoijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu".utf8)
+        #expect(SHA256Digest.hex(SHA256Digest.hash(long)) == "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1")
+        #expect(SHA256Digest.hex(SHA256Digest.hash([UInt8](repeating: UInt8(ascii: "a"), count: 1_000_000))) == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
+        // Padding boundaries (55/56 bytes fit one or two blocks; 63/64/65 around a block), checked against Python's hashlib.
+        let boundaries: [(Int, String)] = [
+            (55, "d5e285683cd4efc02d021a5c62014694958901005d6f71e89e0989fac77e4072"),
+            (56, "04c26261370ee7541549d16dee320c723e3fd14671e66a099afe0a377c16888e"),
+            (63, "75220b47218278e656f2013bb8f0c455a25eaf01e86c64924e9d48d89776d6f2"),
+            (64, "7ce100971f64e7001e8fe5a51973ecdfe1ced42befe7ee8d5fd6219506b5393c"),
+            (65, "9537c5fdf120482f7d58d25e9ed583f52c02b4e304ea814db1633ad565aed7e9"),
+            (119, "000b48d4edf0fa7bee3c6236ecd2785baa5db4eeb8bb54341b029e0d9fa5fb0c"),
+            (120, "13f05a0b594787f5ecd315edc96141bd3243203d1b7d4f0836f37308b276ba98"),
+        ]
+        for (n, hex) in boundaries {
+            #expect(SHA256Digest.hex(SHA256Digest.hash([UInt8](repeating: UInt8(ascii: "x"), count: n))) == hex, "\(n) bytes")
+        }
+    }
+
+    /// Stored fingerprints and bounded keys are persisted by every durable store: their bytes
+    /// must never change across versions (pinned values, computed independently with hashlib).
+    @Test func storedFingerprintsKeepTheirBytes() throws {
+        #expect(PayloadFingerprint.of(Array("42,1001".utf8)).bytes == [7] + Array("42,1001".utf8), "short payloads are their own fingerprint")
+        #expect(PayloadFingerprint.of(Array("1234567890,1234567890".utf8)).description == "8e1a6fc9ee44484407ce1f6a23bc18f2")
+        #expect(PayloadFingerprint.of(Array("coupon-payload-of-seventeen".utf8)).description == "f0e34f9f7fa1274e7673eae034667661")
+        #expect(PayloadFingerprint.of(Array(repeating: UInt8(ascii: "x"), count: 15)).bytes.count == 16)
+        #expect(PayloadFingerprint.of(Array(repeating: UInt8(ascii: "x"), count: 16)).description == "9c5729595fb287cc2a2256280448bbe7")
     }
 }
 

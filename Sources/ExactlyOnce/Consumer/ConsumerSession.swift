@@ -102,7 +102,13 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
         for r in results {
             report.add(r.report)
             if let o = r.commit { offsets[r.partition] = o }
-            if let s = r.seek { try await subscription.seek(r.partition, to: s) }
+            if let s = r.seek {
+                do {
+                    try await subscription.seek(r.partition, to: s)
+                } catch let e as ExactlyOnceError where e.code == .staleGeneration {
+                    // The partition moved on: the next poll tells, the new owner reads it again.
+                }
+            }
             if failure == nil { failure = r.failure }
         }
         if !offsets.isEmpty {
@@ -124,7 +130,7 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
         recordLag(poll.endOffsets)
         try trackFences(results)
         if let failure { throw failure }
-        if report.pausedLanes > 0 {
+        if report.pausedLanes > 0 || report.fencedLanes > 0 {
             unavailableStreak += 1
             let d = c.configuration.unavailableBackoff.delay(forRetry: unavailableStreak)
             if d > .zero { try? await Task.sleep(for: d) }

@@ -6,7 +6,8 @@ struct LaneResult: Sendable {
     var partition: PartitionID
     /// The offset to commit: the first record not finished (or the end of the batch).
     var commit: Offset?
-    /// Where to read again: the first record not finished, when the lane stopped early.
+    /// Where to read again: the first record not finished, when the lane stopped early (the
+    /// first record of the batch when it was fenced).
     var seek: Offset?
     var report = StepReport()
     /// Set when the store refused the lane's epoch (the partition moved on): commit nothing.
@@ -131,9 +132,13 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
     private func finish(_ partial: LaneResult, records: [ConsumedRecord], done: Set<Int>, stop: LaneStop?) -> LaneResult {
         var result = partial
         if case .fenced(let e) = stop {
+            // Commit nothing. Read the batch again: if the partition really moved, the next poll
+            // says so (and the new owner reads it); if the transport still assigns it here, the
+            // session sees the fence last and says so (see maxFencedDuration).
             consumer.metrics.fenced.increment()
             result.report.fencedLanes = 1
             result.fenced = e
+            result.seek = records[0].offset
             return result
         }
         if let firstOpen = records.indices.first(where: { !done.contains($0) }) {

@@ -1,3 +1,4 @@
+import Dispatch
 import ExactlyOnce
 import Logging
 import Synchronization
@@ -134,8 +135,23 @@ public final class Simulator<Store: DedupeStore> {
     ///   - makeStore: makes the store under test from the simulator's clock.
     ///   - key: the key extractor.
     ///   - handler: your handler.
+    ///
+    /// With key ordering (records of one partition running concurrently) the whole run is
+    /// confined to one serial executor, so concurrency is interleaving at suspension points only
+    /// and the run stays a function of the seed (for stores that never suspend on other threads).
     public func run(records: [OutgoingRecord], partitioning: Partitioning, makeStore: (ManualClock) async throws -> Store,
                     key: @escaping KeyExtractor, handler: @escaping RecordHandler<Store.Transaction>) async throws -> (SimulationReport, Store) {
+        guard configuration.ordering.runsKeysConcurrently else {
+            return try await runBody(records: records, partitioning: partitioning, makeStore: makeStore, key: key, handler: handler)
+        }
+        let executor = SerialJobExecutor()
+        return try await withTaskExecutorPreference(executor) {
+            try await runBody(records: records, partitioning: partitioning, makeStore: makeStore, key: key, handler: handler)
+        }
+    }
+
+    private func runBody(records: [OutgoingRecord], partitioning: Partitioning, makeStore: (ManualClock) async throws -> Store,
+                         key: @escaping KeyExtractor, handler: @escaping RecordHandler<Store.Transaction>) async throws -> (SimulationReport, Store) {
         let base = try await makeStore(clock)
         let rate = configuration.storeFaultRate
         store = FaultyStore(base) { [shared] op in
@@ -281,4 +297,16 @@ final class SimulatorShared: Sendable {
     let rng: Mutex<SeededRandom>
     let faultsOn = Atomic<Bool>(true)
     init(seed: UInt64) { rng = Mutex(SeededRandom(seed: seed)) }
+}
+
+/// Runs every job on one serial queue, in the order enqueued: tasks that prefer it (and their
+/// child tasks) interleave at suspension points and never run in parallel.
+final class SerialJobExecutor: TaskExecutor, @unchecked Sendable {
+    // @unchecked: the only state is the serial queue, which is thread-safe.
+    private let queue = DispatchQueue(label: "exactly-once.simulator")
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let unowned = UnownedJob(job)
+        queue.async { unowned.runSynchronously(on: self.asUnownedTaskExecutor()) }
+    }
 }

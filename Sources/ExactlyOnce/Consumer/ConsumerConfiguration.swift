@@ -46,6 +46,11 @@ public struct Ordering: Sendable, Hashable, CustomStringConvertible {
     let mode: Mode
     /// One sequence per partition.
     public static let partition = Ordering(mode: .partition)
+    /// Whether records of one partition may run concurrently (key ordering).
+    public var runsKeysConcurrently: Bool {
+        if case .key(let n) = mode { return n > 1 }
+        return false
+    }
     /// One sequence per record key; up to `maxConcurrency` keys of a partition at once.
     public static func key(maxConcurrency: Int = 64) -> Ordering { Ordering(mode: .key(maxConcurrency)) }
     public var description: String {

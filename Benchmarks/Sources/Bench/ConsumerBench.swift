@@ -80,3 +80,40 @@ func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 1) async th
 func seconds(_ d: Duration) -> Double {
     Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
 }
+
+/// Key ordering against partition ordering: 64 coupon keys in one partition, a handler that
+/// awaits 1 ms of simulated I/O per record. Same records, same store kind, same run.
+func runOrderingBenchmarks(keys: Int = 64, perKey: Int = 24) async throws -> [String: Double] {
+    let requests = (0..<perKey).flatMap { m in (0..<keys).map { c in CouponRequest(requestId: Int64(m * keys + c), couponId: Int64(c), memberId: Int64(m)) } }
+    let stock = Dictionary(uniqueKeysWithValues: (0..<keys).map { (Int64($0), Int64(perKey)) })
+    let issuer = CouponIssuer(stock: stock)
+    func run(_ ordering: Ordering) async throws -> Double {
+        let t = try InMemoryTransport(topics: ["bench": 1, "bench.dlq": 1])
+        let report = try await t.publish(requests.map(\.outgoing), to: "bench", partitioning: .modulo)
+        precondition(report.allAccepted)
+        let store = try InMemoryDedupeStore()
+        var config = ConsumerConfiguration(topic: "bench", group: "eo", memberID: "eo")
+        config.pollWait = .zero
+        config.ordering = ordering
+        let consumer = try ExactlyOnceConsumer(
+            transport: t, store: store, configuration: config, logger: Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() }),
+            key: CouponRequest.keyExtractor, handler: { ctx in
+                try await Task.sleep(for: .milliseconds(1))  // the handler's I/O
+                return try await issuer.handle(&ctx)
+            })
+        let session = try await consumer.makeSession()
+        let start = ContinuousClock.now
+        while !t.isFullyCommitted(group: "eo", topic: "bench") { try await session.step() }
+        let elapsed = seconds(ContinuousClock.now - start)
+        let ledger = try await CouponLedger.read(from: store, coupons: Array(0..<Int64(keys)))
+        precondition(ledger.count == requests.count, "every click issued once")
+        return Double(requests.count) / elapsed
+    }
+    let partition = try await run(.partition)
+    let key = try await run(.key(maxConcurrency: keys))
+    return [
+        "partitionOrderingRecordsPerSecond": partition,
+        "keyOrderingRecordsPerSecond": key,
+        "keyOrderingSpeedup": key / partition,
+    ]
+}

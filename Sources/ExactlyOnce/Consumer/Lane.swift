@@ -71,16 +71,14 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
         if case .key = c.configuration.ordering.mode {
             for s in sequences { if let h = s.first(where: { identities[$0] != nil && firstOfKey[identities[$0]!.key] == $0 }) { heads.insert(h) } }
         }
-        let requested = firstOfKey.values.sorted { a, b in
-            let ha = heads.contains(a), hb = heads.contains(b)
-            return ha != hb ? ha : a < b
-        }
+        var requested = firstOfKey.values.sorted()
+        if !heads.isEmpty { requested = requested.filter { heads.contains($0) } + requested.filter { !heads.contains($0) } }
         let requests = requested.map { i in
             ClaimRequest(key: identities[i]!.key, fingerprint: identities[i]!.fingerprint, lease: c.configuration.lease, fence: fence, prefetch: !heads.contains(i))
         }
 
         if c.faultsEnabled { try await c.faults.reach(.beforeClaim, FaultContext(memberID: memberID, partition: partition, offset: records[0].offset)) }
-        var claims: [Int: ClaimResult] = [:]
+        var claims = [ClaimResult?](repeating: nil, count: records.count)
         if !requests.isEmpty {
             do {
                 let answers = try await c.store.claim(requests)
@@ -89,15 +87,15 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
                 }
                 for (i, answer) in zip(requested, answers) { claims[i] = answer }
             } catch let e as ExactlyOnceError {
-                return finish(result, records: records, done: [], stop: .after(e))
+                return finish(result, records: records, done: [Bool](repeating: false, count: records.count), stop: .after(e))
             }
         }
         if c.faultsEnabled { try await c.faults.reach(.afterClaim, FaultContext(memberID: memberID, partition: partition, offset: records[0].offset)) }
 
-        var done = Set<Int>()
+        var done = [Bool](repeating: false, count: records.count)
         var stop: LaneStop?
         func merge(_ r: SequenceRun<Transport, Store>.Result) {
-            done.formUnion(r.done)
+            for i in r.done { done[i] = true }
             result.report.add(r.report)
             switch (stop, r.stop) {
             case (_, nil): break
@@ -129,7 +127,7 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
     }
 
     /// Commit and seek positions from what finished.
-    private func finish(_ partial: LaneResult, records: [ConsumedRecord], done: Set<Int>, stop: LaneStop?) -> LaneResult {
+    private func finish(_ partial: LaneResult, records: [ConsumedRecord], done: [Bool], stop: LaneStop?) -> LaneResult {
         var result = partial
         if case .fenced(let e) = stop {
             // Commit nothing. Read the batch again: if the partition really moved, the next poll
@@ -141,7 +139,7 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
             result.seek = records[0].offset
             return result
         }
-        if let firstOpen = records.indices.first(where: { !done.contains($0) }) {
+        if let firstOpen = done.firstIndex(of: false) {
             // Stopped early: commit what precedes the first unfinished record, read again from it.
             if firstOpen > 0 { result.commit = records[firstOpen].offset }
             result.seek = records[firstOpen].offset
@@ -240,14 +238,14 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
     let lane: Lane<Transport, Store>
     let records: [ConsumedRecord]
     let identities: [Identity?]
-    let claims: [Int: ClaimResult]
+    let claims: [ClaimResult?]
     var consumer: ExactlyOnceConsumer<Transport, Store> { lane.consumer }
     private var batch: Store.Batch
     private var staged: [(index: Int, outcome: Outcome, deadLettered: Bool)] = []
     private var result = Result()
     private let limit: Int
 
-    init(lane: Lane<Transport, Store>, records: [ConsumedRecord], identities: [Identity?], claims: [Int: ClaimResult]) {
+    init(lane: Lane<Transport, Store>, records: [ConsumedRecord], identities: [Identity?], claims: [ClaimResult?]) {
         self.lane = lane
         self.records = records
         self.identities = identities

@@ -57,7 +57,9 @@ public final class InMemoryDedupeStore: DedupeStore {
         let now = clock.now()
         return try state.withLock { s in
             s.changes.removeAll(keepingCapacity: true)
-            let fresh = requests.reduce(into: 0) { n, r in if s.machine.records[r.key] == nil { n += 1 } }
+            // Count the keys not held yet only when the batch could overflow the capacity.
+            let fresh = s.machine.records.count + requests.count > configuration.capacity
+                ? requests.reduce(into: 0) { n, r in if s.machine.records[r.key] == nil { n += 1 } } : 0
             if s.machine.records.count + fresh > configuration.capacity {
                 _ = s.machine.purgeExpired(now: now, changes: &s.changes)
                 let over = s.machine.records.count + fresh - configuration.capacity

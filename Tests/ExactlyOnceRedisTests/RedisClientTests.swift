@@ -189,6 +189,24 @@ struct RedisConnectionTests {
         #expect(throws: ExactlyOnceError.self) { try RedisClient(configuration: c, logger: Logger(label: "test")) }
     }
 
+    /// The public command client: commands, pipelines, scripts, and error replies as values.
+    @Test func publicCommandClient() async throws {
+        try await RedisTestServer.with { server in
+            let c = try RedisCommandClient(configuration: server.unixConfiguration)
+            #expect(try await c.send(["SET", "k", "v", "NX"]).string == "OK")
+            #expect(try await c.send(["SET", "k", "w", "NX"]).isNull)
+            let replies = try await c.pipeline([["INCR", "n"], ["INCR", "n"], ["GET", "k"]])
+            #expect(replies.map(\.int) == [1, 2, nil] && replies[2].string == "v")
+            let cas = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
+            #expect(try await c.evaluate(script: cas, keys: ["k"], arguments: ["other"]).int == 0)
+            #expect(try await c.evaluate(script: cas, keys: ["k"], arguments: ["v"]).int == 1)
+            let wrong = try await c.send(["INCR", "k2", "extra"])
+            #expect(wrong.errorMessage?.hasPrefix("ERR") == true)
+            #expect(try await c.send(["RPUSH", "l", "a", "b"]).int == 2)
+            #expect(try await c.send(["LRANGE", "l", "0", "-1"]).array?.compactMap(\.string) == ["a", "b"])
+        }
+    }
+
     /// Scripts run under the SHA-1 Redis answered to SCRIPT LOAD, and are loaded again after
     /// the server's script cache is flushed (a restart): NOSCRIPT never reaches the caller.
     @Test func scriptsAreLoadedByTheServerAndReloadedAfterAFlush() async throws {

@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "ExactlyOnceFileStore", targets: ["ExactlyOnceFileStore"]),
         .library(name: "CouponKit", targets: ["CouponKit"]),
         .executable(name: "coupon-demo", targets: ["CouponDemo"]),
+        .executable(name: "exactly-once-admin", targets: ["ExactlyOnceAdmin"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
@@ -46,6 +47,14 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             path: "Examples/CouponDemo"
+        ),
+        .executableTarget(
+            name: "ExactlyOnceAdmin",
+            dependencies: [
+                "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Tools/ExactlyOnceAdmin"
         ),
         .systemLibrary(
             name: "CHiredis",

@@ -1,0 +1,47 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// `exactly-once-admin` against a finished coupon-demo sale on the file store.
+@Suite struct AdminToolTests {
+    static var admin: URL { ChildProcess.builtProduct("exactly-once-admin") }
+    static var demo: URL { ChildProcess.builtProduct("coupon-demo") }
+
+    @Test func answersForAKeyOfAFinishedSaleOnTheFileStore() async throws {
+        let dir = try ScratchDirectory("admin-file")
+        defer { dir.cleanup() }
+        let ledger = dir.path + "/ledger.jsonl"
+        let sale = try await ChildProcess.run(Self.demo, ["--store", "file", "--data-dir", dir.path + "/data", "--requests", "3000", "--json", "--ledger", ledger])
+        #expect(sale.status == 0, "\(sale.err)")
+        let saleID = try #require((try JSONSerialization.jsonObject(with: Data(sale.out.utf8)) as? [String: Any])?["sale"] as? String)
+        let firstLine = try #require(try String(contentsOfFile: ledger, encoding: .utf8).split(separator: "\n").first)
+        let winner = try #require(try JSONSerialization.jsonObject(with: Data(firstLine.utf8)) as? [String: Int])
+        let key = "\(winner["couponId"]!):\(winner["memberId"]!)"
+        let backend = ["--store", "file", "--data-dir", dir.path + "/data", "--sale", saleID]
+
+        let shown = try await ChildProcess.run(Self.admin, ["key", key, "--json"] + backend)
+        #expect(shown.status == 0, "\(shown.err)")
+        let record = try #require(try JSONSerialization.jsonObject(with: Data(shown.out.utf8)) as? [String: Any], "\(shown.out)")
+        #expect(record["key"] as? String == key)
+        #expect(record["phase"] as? String == "completed")
+        #expect(record["outcome"] as? String == "applied")
+        #expect(record["outcomeDetail"] as? String == "\(winner["serial"]!)", "the stored outcome is the issued serial")
+        #expect((record["fenceScope"] as? String)?.hasPrefix("memory:") == true)
+
+        let text = try await ChildProcess.run(Self.admin, ["key", key] + backend)
+        #expect(text.out.contains("phase        completed") && text.out.contains("outcome      applied"), "\(text.out)")
+
+        let stuck = try await ChildProcess.run(Self.admin, ["keys", "--phase", "inProgress", "--json"] + backend)
+        let page = try #require(try JSONSerialization.jsonObject(with: Data(stuck.out.utf8)) as? [String: Any])
+        #expect((page["records"] as? [Any])?.isEmpty == true, "a finished sale has nothing in progress")
+
+        let soldOut = try await ChildProcess.run(Self.admin, ["keys", "--outcome", "rejected", "--limit", "5", "--json"] + backend)
+        let rejected = try #require((try JSONSerialization.jsonObject(with: Data(soldOut.out.utf8)) as? [String: Any])?["records"] as? [[String: Any]])
+        #expect(rejected.count == 5 && rejected.allSatisfy { $0["outcomeDetail"] as? String == "sold out" })
+
+        let missing = try await ChildProcess.run(Self.admin, ["key", "999:999"] + backend)
+        #expect(missing.status == 1 && missing.err.contains("no record of key 999:999"))
+        let bad = try await ChildProcess.run(Self.admin, ["lag", "--store", "memory"])
+        #expect(bad.status == 2 && bad.err.contains("in-memory"))
+    }
+}

@@ -30,6 +30,8 @@ public final class ExactlyOnceConsumer<Transport: MessageTransport, Store: Dedup
     let faultsEnabled: Bool
     let logger: Logger
     let metrics: ConsumerMetrics
+    /// Whether a tracer is bootstrapped: handlers then run in spans.
+    let tracing: Bool
 
     /// Creates a consumer. Nothing runs until ``run()`` (or ``makeSession()``).
     /// - Parameters:
@@ -56,6 +58,7 @@ public final class ExactlyOnceConsumer<Transport: MessageTransport, Store: Dedup
         self.faultsEnabled = !(faults is NoFaults)
         self.logger = logger
         self.metrics = ConsumerMetrics(group: configuration.group, topic: configuration.topic)
+        self.tracing = tracingEnabled()
     }
 
     /// Joins the group and processes until cancelled or gracefully shut down.

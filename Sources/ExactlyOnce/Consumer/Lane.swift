@@ -396,7 +396,9 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
                 var hc = HandlerContext(record: record, key: identity.key, claim: claim, transaction: transaction)
                 let outcome: Outcome
                 do {
-                    outcome = try await c.handler(&hc)
+                    outcome = try await withHandlerSpan(record, key: identity.key, attempt: claim.attempt, enabled: c.tracing) {
+                        try await c.handler(&hc)
+                    }
                 } catch let crash as InjectedCrash {
                     throw crash
                 } catch {

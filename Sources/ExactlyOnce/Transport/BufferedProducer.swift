@@ -74,7 +74,11 @@ public final class BufferedProducer<Transport: MessageTransport>: Service {
     /// - Throws: the transport's error for this record (or for the batch it was in),
     ///   ``ExactlyOnceError/Code/shutDown`` after the producer stopped, `CancellationError` when
     ///   the calling task is cancelled while it waits for room.
+    ///
+    /// The current task's trace context (swift-distributed-tracing) travels in the record's
+    /// headers, so the consumer's span of this record continues the caller's trace.
     public func send(_ record: OutgoingRecord) async throws -> RecordPosition {
+        let record = record.withTraceContext()
         // Wait for room first (back-pressure), then hand the record over and wait for its report.
         try await waitForRoom()
         return try await withCheckedThrowingContinuation { (c: CheckedContinuation<RecordPosition, any Error>) in

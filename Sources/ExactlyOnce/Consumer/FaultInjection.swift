@@ -1,5 +1,5 @@
 /// A named point in the consumer's processing of a batch where a fault can be injected
-/// (DESIGN.md's failure points F1-F6).
+/// (failure points F1-F6 of the twelve the tests inject; see Docs/Guarantees.md).
 public struct FailurePoint: Hashable, Sendable, CustomStringConvertible {
     /// Stable name, e.g. `F2.afterClaim`.
     public let name: String

@@ -1,12 +1,19 @@
 import CouponKit
 import ExactlyOnce
+import Foundation
 import Logging
 import Synchronization
 
 /// The consumer wrapper (claims, transactional effect, completion, commits) against a bare loop
 /// that polls the same transport and applies the same effect to the same kind of state without
 /// dedupe or commits. One partition, so both are one sequential lane; same records, same run.
-func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 1) async throws -> [String: Double] {
+///
+/// `BENCH_RECORDS=<n>` changes the record count; `BENCH_SIDE=bare|consumer` runs one side only
+/// (for instruction counts under `valgrind --tool=callgrind`).
+func runConsumerBenchmarks(records: Int = Int(ProcessInfo.processInfo.environment["BENCH_RECORDS"] ?? "") ?? 200_000,
+                           partitions: Int = 1) async throws -> [String: Double] {
+    let side = ProcessInfo.processInfo.environment["BENCH_SIDE"]
+    let rounds = side == nil ? 3 : 1
     let requests = (0..<records).map { i in
         CouponRequest(requestId: Int64(i), couponId: Int64(i % 64), memberId: Int64(i))
     }
@@ -27,7 +34,7 @@ func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 1) async th
     // Baseline: poll and apply the effect directly.
     var bareBest = Double.infinity
     var consumerBest = Double.infinity
-    for _ in 0..<3 {
+    for _ in 0..<(side == "consumer" ? 0 : rounds) {
         let t = try await makeTransport()
         let state = Mutex<[String: [UInt8]]>([:])
         let sub = try await t.subscribe(topic: "bench", group: "bare", memberID: "bare")
@@ -51,7 +58,7 @@ func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 1) async th
         precondition(state.withLock { $0.count } == records + 64, "bare loop applied every effect")
     }
 
-    for _ in 0..<3 {
+    for _ in 0..<(side == "bare" ? 0 : rounds) {
         let t = try await makeTransport()
         let store = try InMemoryDedupeStore(configuration: {
             var c = InMemoryDedupeStore.Configuration()
@@ -70,6 +77,8 @@ func runConsumerBenchmarks(records: Int = 200_000, partitions: Int = 1) async th
         let ledger = try await CouponLedger.read(from: store, coupons: Array(0..<64))
         precondition(ledger.count == records, "consumer applied every effect once")
     }
+    if side == "bare" { return ["bareLoopRecordsPerSecond": Double(records) / bareBest] }
+    if side == "consumer" { return ["consumerRecordsPerSecond": Double(records) / consumerBest] }
     return [
         "bareLoopRecordsPerSecond": Double(records) / bareBest,
         "consumerRecordsPerSecond": Double(records) / consumerBest,

@@ -48,30 +48,76 @@ public struct FileStoreConfiguration: Sendable {
 
 /// What opening a ``FileDedupeStore`` found and did.
 public struct RecoveryReport: Sendable, Hashable, CustomStringConvertible {
+    /// Something salvage (``FileStoreConfiguration/salvage``) dropped or found missing.
+    public struct SalvageAction: Sendable, Hashable, CustomStringConvertible {
+        /// The journal bytes dropped (empty when nothing was dropped but records were found
+        /// missing before this offset).
+        public var bytes: Range<Int>
+        /// Sequence numbers of log records that were missing (a gap), when known.
+        public var missingSequences: Range<UInt64>?
+        /// What was wrong.
+        public var reason: String
+
+        /// Describes one salvage action.
+        public init(bytes: Range<Int>, missingSequences: Range<UInt64>?, reason: String) {
+            self.bytes = bytes
+            self.missingSequences = missingSequences
+            self.reason = reason
+        }
+
+        public var description: String {
+            var s = bytes.isEmpty ? "at byte \(bytes.lowerBound)" : "dropped bytes \(bytes.lowerBound)..<\(bytes.upperBound)"
+            if let m = missingSequences { s += ", records \(m.lowerBound)..<\(m.upperBound) missing" }
+            return s + ": " + reason
+        }
+    }
+
     /// The journal segment's generation (raised by every compaction).
     public var generation: UInt64 = 1
+    /// The format version of the journal as found on disk (``FileDedupeStore`` writes version
+    /// 2; a version 1 journal is migrated when opened, see ``migratedFromVersion``).
+    public var formatVersion: UInt32 = 2
+    /// Set when the journal was in an older format and was rewritten in the current one
+    /// (a compaction at open, before any new record was appended).
+    public var migratedFromVersion: UInt32?
     /// Whether the directory held no journal and a new one was created.
     public var createdNew = false
-    /// Journal records replayed (one per acknowledged or in-flight operation).
+    /// Log records replayed: one per acknowledged or in-flight operation since the segment's
+    /// snapshot (for a version 1 journal, every record).
     public var journalRecords = 0
+    /// Snapshot records replayed, the end record included (a compaction's output).
+    public var snapshotRecords = 0
     /// Changes replayed.
     public var changes = 0
     /// Dedupe records in the index after replay.
     public var liveRecords = 0
+    /// The sequence number of the last log record (0 when none was ever written); the next
+    /// operation is journaled as this plus one.
+    public var lastSequence: UInt64 = 0
     /// Bytes cut from the end of the journal: a torn last write from a crash.
     public var truncatedTailBytes = 0
     /// Why the tail was cut, when it was.
     public var tailProblem: String?
     /// Byte ranges dropped by salvage (``FileStoreConfiguration/salvage``).
     public var salvagedRanges: [Range<Int>] = []
-    /// Leftover files removed (older generations, unfinished compactions).
+    /// Everything salvage dropped or found missing, in file order, with the reason.
+    public var salvageActions: [SalvageAction] = []
+    /// Newer segments that were incomplete (a compaction that never wrote its end record) and
+    /// were removed in favour of the newest complete one.
+    public var incompleteSegments: [String] = []
+    /// Leftover files removed (older generations, incomplete newer ones, unfinished compactions).
     public var removedFiles: [String] = []
 
+    /// An empty report.
+    public init() {}
+
     public var description: String {
-        var s = "generation \(generation), \(journalRecords) journal records, \(changes) changes, \(liveRecords) live records"
+        var s = "generation \(generation), \(snapshotRecords) snapshot and \(journalRecords) log records, \(changes) changes, \(liveRecords) live records, last sequence \(lastSequence)"
         if createdNew { s += ", new journal" }
+        if let v = migratedFromVersion { s += ", migrated from format version \(v)" }
         if truncatedTailBytes > 0 { s += ", truncated \(truncatedTailBytes) tail bytes (\(tailProblem ?? "torn write"))" }
-        if !salvagedRanges.isEmpty { s += ", salvage dropped \(salvagedRanges.map { "\($0.lowerBound)..<\($0.upperBound)" })" }
+        if !incompleteSegments.isEmpty { s += ", ignored incomplete \(incompleteSegments)" }
+        if !salvageActions.isEmpty { s += ", salvage: \(salvageActions.map(\.description).joined(separator: "; "))" }
         return s
     }
 }
@@ -148,10 +194,10 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
                             logger: Logger = Logger(label: "exactly-once.file-store", factory: { _ in SwiftLogNoOpLogHandler() })) async throws -> FileDedupeStore {
         try validate(configuration)
         let (core, report) = try await onDedicatedThread { () throws -> (JournalCore, RecoveryReport) in
-            try JournalCore.open(configuration, now: clock.now())
+            try Recovery.open(configuration)
         }
         core.startWriter()
-        if report.truncatedTailBytes > 0 || !report.salvagedRanges.isEmpty {
+        if report.truncatedTailBytes > 0 || !report.salvageActions.isEmpty || !report.incompleteSegments.isEmpty {
             logger.warning("file store recovered with repairs", metadata: ["directory": "\(configuration.directory)", "report": "\(report)"])
         } else {
             logger.info("file store opened", metadata: ["directory": "\(configuration.directory)", "report": "\(report)"])

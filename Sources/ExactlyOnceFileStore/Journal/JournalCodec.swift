@@ -1,80 +1,5 @@
 import ExactlyOnce
 
-/// The journal's byte layout (Docs/FileStore.md has the same description).
-///
-/// ```
-/// segment  := header record*
-/// header   := magic "EXONCEJ\0" (8) | format version u32 | flags u32 | generation u64 |
-///             crc32c of the previous 24 bytes u32 | reserved u32                   (32 bytes)
-/// record   := payload length u32 | crc32c(payload) u32 | payload
-/// payload  := change count u32 | change*
-/// change   := 1 record | 2 removed | 3 state | 4 fence | 5 token     (tag u8, then fields)
-/// ```
-/// Integers are little-endian. One record is one store operation (a claim batch, a batch of
-/// completions with their effects, a release, a purge), so an operation is on disk entirely or
-/// not at all.
-enum JournalFormat {
-    static let magic: [UInt8] = Array("EXONCEJ\0".utf8)
-    static let version: UInt32 = 1
-    static let headerSize = 32
-    static let recordHeaderSize = 8
-    /// The largest payload a record may have; a bigger length on disk is corruption.
-    static let maximumPayload = 64 << 20
-
-    static func header(generation: UInt64) -> [UInt8] {
-        var w = ByteWriter()
-        w.bytes(magic)
-        w.u32(version)
-        w.u32(0)
-        w.u64(generation)
-        let crc = CRC32C.checksum(w.buffer)
-        w.u32(crc)
-        w.u32(0)
-        return w.buffer
-    }
-
-    enum HeaderProblem: Error { case tooShort, foreign, badChecksum, unsupportedVersion(UInt32) }
-
-    /// Validates a header; returns its generation.
-    static func parseHeader(_ bytes: UnsafeRawBufferPointer) throws(HeaderProblem) -> UInt64 {
-        guard bytes.count >= headerSize else { throw .tooShort }
-        guard Array(bytes[0..<8]) == magic else { throw .foreign }
-        guard CRC32C.checksum(UnsafeRawBufferPointer(rebasing: bytes[0..<24])) == readU32(bytes, 24) else { throw .badChecksum }
-        let version = readU32(bytes, 8)
-        guard version == JournalFormat.version else { throw .unsupportedVersion(version) }
-        return readU64(bytes, 16)
-    }
-
-    static func readU32(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt32 {
-        UInt32(b[at]) | UInt32(b[at + 1]) << 8 | UInt32(b[at + 2]) << 16 | UInt32(b[at + 3]) << 24
-    }
-
-    static func readU64(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt64 {
-        UInt64(readU32(b, at)) | UInt64(readU32(b, at + 4)) << 32
-    }
-
-    /// Appends one framed record holding `changes` to `out`.
-    static func appendRecord(_ changes: [DedupeStateMachine.Change], token: UInt64?, to out: inout [UInt8]) {
-        let start = out.count
-        out.append(contentsOf: [0, 0, 0, 0, 0, 0, 0, 0])
-        var w = ByteWriter(buffer: out)
-        out = []
-        w.u32(UInt32(changes.count + (token == nil ? 0 : 1)))
-        for c in changes { w.change(c) }
-        if let token {
-            w.u8(5)
-            w.u64(token)
-        }
-        out = w.buffer
-        let length = out.count - start - recordHeaderSize
-        let crc = out.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[(start + recordHeaderSize)...])) }
-        for i in 0..<4 {
-            out[start + i] = UInt8(truncatingIfNeeded: UInt32(length) >> (8 * UInt32(i)))
-            out[start + 4 + i] = UInt8(truncatingIfNeeded: crc >> (8 * UInt32(i)))
-        }
-    }
-}
-
 /// A growing little-endian buffer.
 struct ByteWriter {
     var buffer: [UInt8] = []
@@ -92,6 +17,20 @@ struct ByteWriter {
     mutating func string(_ s: String) {
         var s = s
         s.withUTF8 { u32(UInt32($0.count)); buffer.append(contentsOf: $0) }
+    }
+
+    /// The token high-water mark (tag 5).
+    mutating func token(_ token: UInt64) {
+        u8(5)
+        u64(token)
+    }
+
+    /// The end of a snapshot (tag 6): where the log's numbering continues, and how many
+    /// snapshot records came before this one.
+    mutating func end(nextSequence: UInt64, snapshotRecords: UInt64) {
+        u8(6)
+        u64(nextSequence)
+        u64(snapshotRecords)
     }
 
     mutating func change(_ c: DedupeStateMachine.Change) {
@@ -142,10 +81,18 @@ struct ByteWriter {
     }
 }
 
-/// A change as decoded from the journal: a state-machine change or the token high-water mark.
-enum JournalEntry {
-    case change(DedupeStateMachine.Change)
-    case token(UInt64)
+/// What one record holds, as decoded: state-machine changes, and the token high-water mark and
+/// snapshot end when present. Reused from record to record.
+struct RecordContents {
+    var changes: [DedupeStateMachine.Change] = []
+    var token: UInt64?
+    var end: (nextSequence: UInt64, snapshotRecords: UInt64)?
+
+    mutating func reset() {
+        changes.removeAll(keepingCapacity: true)
+        token = nil
+        end = nil
+    }
 }
 
 /// Why a record's payload did not decode (the record's checksum matched, so this is a bug or
@@ -201,49 +148,62 @@ struct ByteReader {
         return s
     }
 
-    mutating func entry() throws(MalformedPayload) -> JournalEntry {
-        let tag = try u8()
-        switch tag {
-        case 1:
-            let key = try key()
-            let fpCount = Int(try u8())
-            guard let fingerprint = try? PayloadFingerprint(bytes: try bytes(fpCount)) else { throw MalformedPayload(reason: "bad fingerprint") }
-            guard let phase = DedupeRecord.Phase(rawValue: try u8()) else { throw MalformedPayload(reason: "bad phase") }
-            let attempts = Int(try u32())
-            let token = FencingToken(try u64())
-            let lease = Timestamp(milliseconds: Int64(bitPattern: try u64()))
-            let flags = try u8()
-            guard flags & ~0x0F == 0 else { throw MalformedPayload(reason: "unknown record flags \(flags)") }
-            var record = DedupeRecord(key: key, fingerprint: fingerprint, phase: phase, attempts: attempts, token: token, leaseExpiresAt: lease)
-            if flags & 1 != 0 {
-                let status = Outcome.Status(rawValue: try u8())
-                record.outcome = Outcome(status: status, detail: try blob())
-            }
-            if flags & 2 != 0 { record.expiresAt = Timestamp(milliseconds: Int64(bitPattern: try u64())) }
-            if flags & 4 != 0 { record.lastFailure = try string() }
-            if flags & 8 != 0 {
+    /// Decodes a whole payload (`change count u32 | change*`) into `contents`. An end change
+    /// (format version 2 only) must be the last change of its record.
+    mutating func payload(into contents: inout RecordContents, version: UInt32) throws(MalformedPayload) {
+        let count = Int(try u32())
+        guard count <= end - at else { throw MalformedPayload(reason: "change count \(count) exceeds the record") }
+        contents.changes.reserveCapacity(count)
+        for i in 0..<count {
+            let tag = try u8()
+            switch tag {
+            case 1: contents.changes.append(.record(try record()))
+            case 2: contents.changes.append(.removed(try key()))
+            case 3:
+                let key = try string()
+                let version = try u64()
+                switch try u8() {
+                case 0: contents.changes.append(.state(key: key, value: VersionedValue(value: nil, version: version)))
+                case 1: contents.changes.append(.state(key: key, value: VersionedValue(value: try blob(), version: version)))
+                default: throw MalformedPayload(reason: "bad state value flag")
+                }
+            case 4:
                 let scope = try string()
-                record.fence = PartitionFence(scope: scope, epoch: try u64())
+                contents.changes.append(.fence(scope: scope, epoch: try u64()))
+            case 5:
+                contents.token = max(contents.token ?? 0, try u64())
+            case 6 where version >= 2:
+                guard i == count - 1 else { throw MalformedPayload(reason: "a snapshot end that is not the record's last change") }
+                contents.end = (try u64(), try u64())
+            default:
+                throw MalformedPayload(reason: "unknown change tag \(tag)")
             }
-            return .change(.record(record))
-        case 2:
-            return .change(.removed(try key()))
-        case 3:
-            let key = try string()
-            let version = try u64()
-            switch try u8() {
-            case 0: return .change(.state(key: key, value: VersionedValue(value: nil, version: version)))
-            case 1: return .change(.state(key: key, value: VersionedValue(value: try blob(), version: version)))
-            default: throw MalformedPayload(reason: "bad state value flag")
-            }
-        case 4:
-            let scope = try string()
-            return .change(.fence(scope: scope, epoch: try u64()))
-        case 5:
-            return .token(try u64())
-        default:
-            throw MalformedPayload(reason: "unknown change tag \(tag)")
         }
+        guard at == end else { throw MalformedPayload(reason: "trailing bytes in record") }
+    }
+
+    mutating func record() throws(MalformedPayload) -> DedupeRecord {
+        let key = try key()
+        let fpCount = Int(try u8())
+        guard let fingerprint = try? PayloadFingerprint(bytes: try bytes(fpCount)) else { throw MalformedPayload(reason: "bad fingerprint") }
+        guard let phase = DedupeRecord.Phase(rawValue: try u8()) else { throw MalformedPayload(reason: "bad phase") }
+        let attempts = Int(try u32())
+        let token = FencingToken(try u64())
+        let lease = Timestamp(milliseconds: Int64(bitPattern: try u64()))
+        let flags = try u8()
+        guard flags & ~0x0F == 0 else { throw MalformedPayload(reason: "unknown record flags \(flags)") }
+        var record = DedupeRecord(key: key, fingerprint: fingerprint, phase: phase, attempts: attempts, token: token, leaseExpiresAt: lease)
+        if flags & 1 != 0 {
+            let status = Outcome.Status(rawValue: try u8())
+            record.outcome = Outcome(status: status, detail: try blob())
+        }
+        if flags & 2 != 0 { record.expiresAt = Timestamp(milliseconds: Int64(bitPattern: try u64())) }
+        if flags & 4 != 0 { record.lastFailure = try string() }
+        if flags & 8 != 0 {
+            let scope = try string()
+            record.fence = PartitionFence(scope: scope, epoch: try u64())
+        }
+        return record
     }
 
     mutating func key() throws(MalformedPayload) -> IdempotencyKey {

@@ -8,7 +8,9 @@ import Foundation
 /// (outside the lock) → `durableSeq` moves past the operation → its continuation resumes.
 /// Sequence numbers are assigned in the same critical section that appends the bytes, so the
 /// order of records in the file is the order of sequence numbers, and "durable up to N" means
-/// every operation numbered N or less is on disk.
+/// every operation numbered N or less is on disk. They are the log records' sequence numbers on
+/// disk too: recovery starts them at the last replayed record, and compaction's end record
+/// says where they go on, so they never restart.
 final class JournalCore: @unchecked Sendable {
     // @unchecked: `state` is only touched under `cond`; `fd`, `segmentPath` and `generation`
     // only by the writer thread (and by `open`/`close` when the writer is not running).
@@ -43,7 +45,13 @@ final class JournalCore: @unchecked Sendable {
 
     /// Steps of a compaction, for crash tests.
     enum CompactionStep: Int, CaseIterable, Sendable {
-        case temporaryWritten, temporarySynced, renamed, directorySynced
+        /// The snapshot records are written, the end record is not.
+        case snapshotWritten
+        /// The end record is written, not yet synced.
+        case endWritten
+        case temporarySynced, renamed, directorySynced
+        /// The old segment is deleted (the compaction is over).
+        case oldRemoved
     }
 
     struct SimulatedCrash: Error {}
@@ -57,15 +65,18 @@ final class JournalCore: @unchecked Sendable {
     private var generation: UInt64
     private let lockFD: Int32
 
-    private init(configuration: FileStoreConfiguration, directory: String, machine: DedupeStateMachine, fd: Int32,
-                 segmentPath: String, generation: UInt64, lockFD: Int32, segmentBytes: Int) {
+    /// A core over the open segment `fd` (positioned at its end), whose last log record is
+    /// `lastSequence`.
+    init(configuration: FileStoreConfiguration, directory: String, machine: DedupeStateMachine, fd: Int32,
+         segmentPath: String, generation: UInt64, lockFD: Int32, segmentBytes: Int, lastSequence: UInt64) {
         self.configuration = configuration
         self.directory = directory
         self.fd = fd
         self.segmentPath = segmentPath
         self.generation = generation
         self.lockFD = lockFD
-        self.state = State(machine: machine, segmentBytes: segmentBytes, compactedBytes: segmentBytes)
+        self.state = State(machine: machine, appendedSeq: lastSequence, durableSeq: lastSequence,
+                           segmentBytes: segmentBytes, compactedBytes: segmentBytes)
     }
 
     func withLock<R>(_ body: (inout State) throws -> R) rethrows -> R {
@@ -79,31 +90,28 @@ final class JournalCore: @unchecked Sendable {
     /// Applies `body` to the index, journals its changes, and returns once everything the
     /// operation could have observed is durable.
     func perform<R>(_ body: (inout DedupeStateMachine, inout [DedupeStateMachine.Change]) throws -> R) async throws -> R {
-        let (result, seq): (Result<R, any Error>, UInt64) = try withLock { s in
+        let (result, seq, durable): (Result<R, any Error>, UInt64, Bool) = try withLock { s in
             if s.closed { throw ExactlyOnceError(.shutDown, "the file store is closed") }
             if let f = s.failure { throw f }
             s.changes.removeAll(keepingCapacity: true)
             let result = Result { try body(&s.machine, &s.changes) }
             // A throwing operation may still have changed something (a raised fence): journal it.
             if !s.changes.isEmpty {
-                JournalFormat.appendRecord(s.changes, token: nil, to: &s.pending)
                 s.appendedSeq += 1
+                JournalFormat.appendLogRecord(s.changes, sequence: s.appendedSeq, to: &s.pending)
                 s.pendingEnds.append((s.appendedSeq, s.pending.count))
                 if s.writerIdle { cond.signal() }
             }
-            return (result, s.appendedSeq)
+            return (result, s.appendedSeq, s.durableSeq >= s.appendedSeq)
         }
-        try await waitDurable(seq)
+        // A read of durable state answers at once; anything else waits for its record (and
+        // every earlier one) without taking the lock a second time first.
+        if !durable { try await waitForWriter(seq) }
         return try result.get()
     }
 
-    func waitDurable(_ seq: UInt64) async throws {
-        let fast: Result<Void, ExactlyOnceError>? = withLock { s in
-            if s.durableSeq >= seq { return .success(()) }
-            if let f = s.failure { return .failure(f) }
-            return nil
-        }
-        if let fast { return try fast.get() }
+    /// Suspends until every record numbered `seq` or less is durable.
+    private func waitForWriter(_ seq: UInt64) async throws {
         try await withCheckedThrowingContinuation { (cont: CheckedContinuation<Void, any Error>) in
             let now: Result<Void, ExactlyOnceError>? = withLock { s in
                 if s.durableSeq >= seq { return .success(()) }
@@ -269,25 +277,14 @@ final class JournalCore: @unchecked Sendable {
         }
         let now = requests.map(\.now).max() ?? Timestamp(milliseconds: 0)
         let newGeneration = generation + 1
-        let finalPath = Self.segmentPath(directory, newGeneration)
-        let temporaryPath = finalPath + ".tmp"
-        var newFD: Int32 = -1
         do {
             var live = snapshot
             var dropped: [DedupeStateMachine.Change] = []
             _ = live.purgeExpired(now: now, changes: &dropped)
-            let (bytes, records) = Self.snapshotBytes(live, generation: newGeneration)
-            newFD = try Files.openFile(temporaryPath, create: true)
-            try Files.truncateFile(newFD, to: 0, path: temporaryPath)
-            try Files.writeAll(newFD, bytes, path: temporaryPath)
-            if crashAfter == .temporaryWritten { throw SimulatedCrash() }
-            try Files.sync(newFD, path: temporaryPath)
-            if crashAfter == .temporarySynced { throw SimulatedCrash() }
-            try Files.renameFile(temporaryPath, finalPath)
-            if crashAfter == .renamed { throw SimulatedCrash() }
-            try Files.syncDirectory(directory)
-            if crashAfter == .directorySynced { throw SimulatedCrash() }
-
+            // The snapshot holds every record numbered up to `seqAtSnapshot`; the log of the
+            // new segment goes on from the next one (records appended meanwhile are pending).
+            let (newFD, bytes, records) = try SegmentWriter.write(live, generation: newGeneration, lastSequence: seqAtSnapshot,
+                                                                  directory: directory, crashAfter: crashAfter)
             let oldFD = fd
             let oldPath = segmentPath
             let ready: [Waiter] = withLock { s in
@@ -299,60 +296,42 @@ final class JournalCore: @unchecked Sendable {
                     for i in s.pendingEnds.indices { s.pendingEnds[i].end -= end }
                 }
                 s.durableSeq = max(s.durableSeq, seqAtSnapshot)
-                s.segmentBytes = bytes.count
-                s.compactedBytes = bytes.count
+                s.segmentBytes = bytes
+                s.compactedBytes = bytes
                 return takeReadyWaiters(&s)
             }
             fd = newFD
-            segmentPath = finalPath
+            segmentPath = Self.segmentPath(directory, newGeneration)
             generation = newGeneration
             Files.closeFile(oldFD)
             Files.unlinkFile(oldPath)
             try? Files.syncDirectory(directory)
             for w in ready { w.cont.resume() }
-            let report = CompactionReport(bytesBefore: bytesBefore, bytesAfter: bytes.count, records: records, generation: newGeneration)
+            if crashAfter == .oldRemoved {
+                fail(ExactlyOnceError(.storeUnavailable, "simulated crash after compaction"))
+                for r in requests { r.cont.resume(throwing: ExactlyOnceError(.storeUnavailable, "simulated crash after compaction")) }
+                return
+            }
+            let report = CompactionReport(bytesBefore: bytesBefore, bytesAfter: bytes, records: records, generation: newGeneration)
             for r in requests { r.cont.resume(returning: report) }
         } catch is SimulatedCrash {
-            if newFD >= 0 { Files.closeFile(newFD) }
             fail(ExactlyOnceError(.storeUnavailable, "simulated crash during compaction"))
             for r in requests { r.cont.resume(throwing: ExactlyOnceError(.storeUnavailable, "simulated crash during compaction")) }
+        } catch let e as SegmentWriter.NotDurable {
+            // The new segment was renamed into place but its directory entry may not be
+            // durable: which generation the disk holds is unknown, so stop (a reopen decides;
+            // nothing after the snapshot was acknowledged).
+            let error = ExactlyOnceError(.storeUnavailable, "the file store stopped: a compacted journal could not be made durable (\(e.underlying)); close it and open the directory again")
+            fail(error)
+            for r in requests { r.cont.resume(throwing: error) }
         } catch {
-            // The old segment is untouched and still current: report and go on with it.
-            if newFD >= 0 { Files.closeFile(newFD) }
-            Files.unlinkFile(temporaryPath)
+            // Nothing was renamed: the old segment is untouched and still current. Report and go on with it.
             let e = (error as? ExactlyOnceError) ?? ExactlyOnceError(.ioFailure, "\(error)")
             for r in requests { r.cont.resume(throwing: e) }
         }
     }
 
-    /// The whole live state as a segment: header, then records of at most 4096 changes, then the
-    /// token high-water mark (the record holding the highest token may have expired).
-    static func snapshotBytes(_ machine: DedupeStateMachine, generation: UInt64) -> ([UInt8], Int) {
-        var out = JournalFormat.header(generation: generation)
-        var chunk: [DedupeStateMachine.Change] = []
-        chunk.reserveCapacity(4096)
-        func flush() {
-            if !chunk.isEmpty { JournalFormat.appendRecord(chunk, token: nil, to: &out) }
-            chunk.removeAll(keepingCapacity: true)
-        }
-        for (scope, epoch) in machine.fences {
-            chunk.append(.fence(scope: scope, epoch: epoch))
-            if chunk.count == 4096 { flush() }
-        }
-        for (key, value) in machine.state {
-            chunk.append(.state(key: key, value: value))
-            if chunk.count == 4096 { flush() }
-        }
-        for record in machine.records.values {
-            chunk.append(.record(record))
-            if chunk.count == 4096 { flush() }
-        }
-        flush()
-        JournalFormat.appendRecord([], token: machine.lastToken, to: &out)
-        return (out, machine.records.count)
-    }
-
-    // MARK: Opening and recovery
+    // MARK: Segment names
 
     static func segmentName(_ generation: UInt64) -> String {
         let digits = String(generation)
@@ -370,220 +349,33 @@ final class JournalCore: @unchecked Sendable {
         return g
     }
 
-    static func open(_ configuration: FileStoreConfiguration, now: Timestamp) throws -> (JournalCore, RecoveryReport) {
-        var directory = configuration.directory
-        if !directory.hasPrefix("/") { directory = FileManager.default.currentDirectoryPath + "/" + directory }
-        while directory.count > 1 && directory.hasSuffix("/") { directory.removeLast() }
-        switch Files.kind(directory) {
-        case .missing:
-            do { try Files.makeDirectory(directory) } catch let e as ExactlyOnceError {
-                throw ExactlyOnceError(.invalidConfiguration, "cannot use \(directory) as the store directory: \(e.message)")
-            }
-        case .other:
-            throw ExactlyOnceError(.invalidConfiguration, "\(directory) exists and is not a directory")
-        case .directory:
-            break
-        }
-        let lockFD = try Files.lock(directory + "/LOCK", directory: directory)
-        do {
-            return try recover(configuration, directory: directory, lockFD: lockFD, now: now)
-        } catch {
-            Files.closeFile(lockFD)
-            throw error
+    /// Replaces the segment with a compacted one before the writer runs (after a salvage, or
+    /// to migrate an older format). Throws, leaving the old segment current, when the new one
+    /// could not be written; fails the open when its durability is unknown.
+    func replaceSegmentBeforeWriterStarts() throws {
+        let (machine, lastSequence) = withLock { ($0.machine, $0.appendedSeq) }
+        let (newFD, bytes, _) = try SegmentWriter.write(machine, generation: generation + 1, lastSequence: lastSequence, directory: directory)
+        Files.closeFile(fd)
+        Files.unlinkFile(segmentPath)
+        fd = newFD
+        segmentPath = Self.segmentPath(directory, generation + 1)
+        generation += 1
+        try Files.syncDirectory(directory)
+        withLock { s in
+            s.segmentBytes = bytes
+            s.compactedBytes = bytes
         }
     }
 
-    private static func recover(_ configuration: FileStoreConfiguration, directory: String, lockFD: Int32,
-                                now: Timestamp) throws -> (JournalCore, RecoveryReport) {
-        let names = try Files.list(directory)
-        let segments = names.compactMap { n in parseSegmentName(n).map { ($0, n) } }.sorted { $0.0 < $1.0 }
-        let leftovers = names.filter { $0.hasPrefix("journal-") && $0.hasSuffix(".tmp") }
-        var report = RecoveryReport()
-        var machine = DedupeStateMachine(retention: configuration.retention, recordsChanges: true)
-
-        guard let (generation, name) = segments.last else {
-            // A new journal, created under a temporary name and renamed, so a segment always
-            // has a complete header.
-            let path = segmentPath(directory, 1)
-            let fd = try Files.openFile(path + ".tmp", create: true)
-            do {
-                try Files.truncateFile(fd, to: 0, path: path + ".tmp")
-                try Files.writeAll(fd, JournalFormat.header(generation: 1), path: path + ".tmp")
-                try Files.sync(fd, path: path + ".tmp")
-                try Files.renameFile(path + ".tmp", path)
-                for l in leftovers where l != segmentName(1) + ".tmp" { Files.unlinkFile(directory + "/" + l) }
-                try Files.syncDirectory(directory)
-                try Files.seekToEnd(fd, path: path)
-            } catch {
-                Files.closeFile(fd)
-                throw error
-            }
-            report.createdNew = true
-            let core = JournalCore(configuration: configuration, directory: directory, machine: machine, fd: fd, segmentPath: path,
-                                   generation: 1, lockFD: lockFD, segmentBytes: JournalFormat.headerSize)
-            return (core, report)
-        }
-
-        let path = directory + "/" + name
-        let fd = try Files.openFile(path, create: false)
-        do {
-            let bytes = try Files.readAll(fd, path: path)
-            // Most keys cost well over 128 journal bytes (a claim and a completion record):
-            // reserving up front spares the index repeated rehashing while replaying.
-            machine.reserveCapacity(bytes.count / 128)
-            let validEnd: Int = try bytes.withUnsafeBytes { b in
-                do {
-                    let g = try JournalFormat.parseHeader(b)
-                    guard g == generation else {
-                        throw ExactlyOnceError(.corruptData, "journal \(path) says generation \(g) but is named for \(generation); nothing was changed")
-                    }
-                } catch let problem as JournalFormat.HeaderProblem {
-                    let why: String
-                    switch problem {
-                    case .tooShort: why = "is shorter than a journal header (\(b.count) bytes)"
-                    case .foreign: why = "does not start with this library's journal header (a foreign file)"
-                    case .badChecksum: why = "has a damaged header (checksum mismatch)"
-                    case .unsupportedVersion(let v): why = "has format version \(v); this build reads version \(JournalFormat.version)"
-                    }
-                    throw ExactlyOnceError(.corruptData, "journal \(path) \(why); nothing was changed")
-                }
-                return try scan(b, machine: &machine, salvage: configuration.salvage, path: path, report: &report)
-            }
-            report.generation = generation
-            if validEnd < bytes.count {
-                try Files.truncateFile(fd, to: validEnd, path: path)
-                try Files.sync(fd, path: path)
-            }
-            try Files.seekToEnd(fd, path: path)
-            var removed: [String] = []
-            for (g, n) in segments where g != generation { removed.append(n) }
-            removed += leftovers
-            for n in removed { Files.unlinkFile(directory + "/" + n) }
-            if !removed.isEmpty { try Files.syncDirectory(directory) }
-            report.removedFiles = removed.sorted()
-            report.liveRecords = machine.records.count
-            let core = JournalCore(configuration: configuration, directory: directory, machine: machine, fd: fd, segmentPath: path,
-                                   generation: generation, lockFD: lockFD, segmentBytes: validEnd)
-            if !report.salvagedRanges.isEmpty {
-                // Rewrite without the dropped bytes, so the next open is clean.
-                core.withLock { $0.compactions = [] }
-                core.compactSynchronously(now: now)
-            }
-            return (core, report)
-        } catch {
-            Files.closeFile(fd)
-            throw error
-        }
+    /// Closes the segment of a core whose writer never started (an open that failed late; the
+    /// caller releases the lock).
+    func closeSegmentBeforeWriterStarts() {
+        Files.closeFile(fd)
+        withLock { $0.filesClosed = true }
     }
 
-    /// Compaction before the writer runs (after a salvage).
-    private func compactSynchronously(now: Timestamp) {
-        let (bytes, _) = Self.snapshotBytes(withLock { $0.machine }, generation: generation + 1)
-        let finalPath = Self.segmentPath(directory, generation + 1)
-        guard let newFD = try? Files.openFile(finalPath + ".tmp", create: true) else { return }
-        do {
-            try Files.truncateFile(newFD, to: 0, path: finalPath)
-            try Files.writeAll(newFD, bytes, path: finalPath)
-            try Files.sync(newFD, path: finalPath)
-            try Files.renameFile(finalPath + ".tmp", finalPath)
-            try Files.syncDirectory(directory)
-            Files.closeFile(fd)
-            Files.unlinkFile(segmentPath)
-            fd = newFD
-            segmentPath = finalPath
-            generation += 1
-            withLock { s in
-                s.segmentBytes = bytes.count
-                s.compactedBytes = bytes.count
-            }
-        } catch {
-            Files.closeFile(newFD)
-            Files.unlinkFile(finalPath + ".tmp")
-        }
-    }
-
-    /// Replays records from after the header; returns where the valid journal ends.
-    static func scan(_ b: UnsafeRawBufferPointer, machine: inout DedupeStateMachine, salvage: Bool, path: String,
-                     report: inout RecoveryReport) throws -> Int {
-        var at = JournalFormat.headerSize
-        let n = b.count
-        var entries: [JournalEntry] = []
-        entries.reserveCapacity(16)
-        while at < n {
-            entries.removeAll(keepingCapacity: true)
-            switch decodeRecord(b, at: at, into: &entries) {
-            case .success(let next):
-                for e in entries {
-                    switch e {
-                    case .change(let c): machine.replay(c)
-                    case .token(let t): machine.raiseLastToken(to: t)
-                    }
-                }
-                report.journalRecords += 1
-                report.changes += entries.count
-                at = next
-            case .failure(let problem):
-                if let q = nextValidRecord(b, after: at) {
-                    if salvage {
-                        report.salvagedRanges.append(at..<q)
-                        at = q
-                        continue
-                    }
-                    throw ExactlyOnceError(.corruptData, """
-                        journal \(path) is corrupt at byte \(at) (\(problem.reason)) and valid records follow at byte \(q); \
-                        nothing was changed. Restore the directory from a backup, or open with salvage to drop bytes \(at)..<\(q) \
-                        (operations recorded there may be processed again)
-                        """)
-                }
-                report.truncatedTailBytes = n - at
-                report.tailProblem = problem.reason
-                return at
-            }
-        }
-        return n
-    }
-
-    /// Decodes the record at `at`; returns the offset after it.
-    static func decodeRecord(_ b: UnsafeRawBufferPointer, at: Int, into entries: inout [JournalEntry]) -> Result<Int, MalformedPayload> {
-        let n = b.count
-        guard n - at >= JournalFormat.recordHeaderSize else {
-            return .failure(MalformedPayload(reason: "partial record header (\(n - at) bytes)"))
-        }
-        let length = Int(JournalFormat.readU32(b, at))
-        let crc = JournalFormat.readU32(b, at + 4)
-        let start = at + JournalFormat.recordHeaderSize
-        guard length >= 4 else { return .failure(MalformedPayload(reason: length == 0 ? "zero-filled record" : "record too short")) }
-        guard length <= JournalFormat.maximumPayload else { return .failure(MalformedPayload(reason: "record length \(length) exceeds the limit")) }
-        guard n - start >= length else { return .failure(MalformedPayload(reason: "partial record (\(n - start) of \(length) bytes)")) }
-        guard CRC32C.checksum(UnsafeRawBufferPointer(rebasing: b[start..<(start + length)])) == crc else {
-            return .failure(MalformedPayload(reason: "checksum mismatch"))
-        }
-        var r = ByteReader(b, from: start, to: start + length)
-        do throws(MalformedPayload) {
-            let count = Int(try r.u32())
-            guard count <= length else { throw MalformedPayload(reason: "change count \(count) exceeds the record") }
-            for _ in 0..<count { entries.append(try r.entry()) }
-            guard r.at == r.end else { throw MalformedPayload(reason: "trailing bytes in record") }
-        } catch {
-            return .failure(error)
-        }
-        return .success(start + length)
-    }
-
-    /// The first offset after `at` where a complete, valid record starts, if any.
-    static func nextValidRecord(_ b: UnsafeRawBufferPointer, after at: Int) -> Int? {
-        var scratch: [JournalEntry] = []
-        var q = at + 1
-        while q + JournalFormat.recordHeaderSize + 4 <= b.count {
-            let length = Int(JournalFormat.readU32(b, q))
-            if length >= 4, length <= b.count - q - JournalFormat.recordHeaderSize {
-                scratch.removeAll(keepingCapacity: true)
-                if case .success = decodeRecord(b, at: q, into: &scratch) { return q }
-            }
-            q += 1
-        }
-        return nil
-    }
+    /// The current generation (for the open path, before the writer runs).
+    var currentGeneration: UInt64 { generation }
 
     // MARK: Test hooks
 

@@ -251,6 +251,29 @@ struct JournalOrderTests {
         }
     }
 
+    /// A newer generation that is complete but damaged is not "incomplete": it may hold
+    /// acknowledged records, so it is refused, and neither file is touched.
+    @Test func aDamagedNewerGenerationIsRefusedAndNothingIsRemoved() async throws {
+        let dir = try TempDirectory()
+        defer { dir.cleanup() }
+        let store = try await CorruptionTests.open(dir)
+        try await issue(store, 0..<10)
+        let older = try Self.read(dir.journal)
+        try await store.compact()
+        try await issue(store, 10..<12)
+        await store.close()
+        var newer = try Self.read(dir.journal)
+        let snapshot = JournalLayout(newer).snapshotRecords
+        newer[snapshot[0].lowerBound + 30] ^= 1
+        try CorruptionTests.write(older, to: JournalCore.segmentPath(dir.path, 1))
+        try CorruptionTests.write(newer, to: JournalCore.segmentPath(dir.path, 2))
+        let error = await #expect(throws: ExactlyOnceError.self) { try await CorruptionTests.open(dir) }
+        #expect(error?.code == .corruptData)
+        #expect(try Self.names(dir) == [JournalCore.segmentName(1), JournalCore.segmentName(2)])
+        #expect(try Self.read(JournalCore.segmentPath(dir.path, 1)) == older)
+        #expect(try Self.read(JournalCore.segmentPath(dir.path, 2)) == newer)
+    }
+
     /// A directory holding an unfinished compaction of a later generation but no journal: the
     /// journal is gone, so this is refused rather than started over.
     @Test func aLeftoverCompactionWithoutAJournalIsRefused() async throws {

@@ -141,11 +141,28 @@ struct ByteReader {
         let n = Int(try u32())
         try need(n)
         defer { at += n }
-        let slice = UnsafeRawBufferPointer(rebasing: base[at..<(at + n)])
-        guard let s = String(validating: slice.bindMemory(to: UInt8.self), as: UTF8.self) else {
+        let slice = UnsafeRawBufferPointer(rebasing: base[at..<(at + n)]).bindMemory(to: UInt8.self)
+        // ASCII (every key the coupon demo writes) needs no validation beyond the check.
+        if Self.isASCII(slice) { return String(decoding: slice, as: UTF8.self) }
+        guard let s = String(validating: slice, as: UTF8.self) else {
             throw MalformedPayload(reason: "invalid UTF-8 at byte \(at)")
         }
         return s
+    }
+
+    @inline(__always)
+    static func isASCII(_ b: UnsafeBufferPointer<UInt8>) -> Bool {
+        var i = 0
+        let raw = UnsafeRawBufferPointer(b)
+        while i + 8 <= b.count {
+            if raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) & 0x8080_8080_8080_8080 != 0 { return false }
+            i += 8
+        }
+        while i < b.count {
+            if b[i] & 0x80 != 0 { return false }
+            i += 1
+        }
+        return true
     }
 
     /// Decodes a whole payload (`change count u32 | change*`) into `contents`. An end change

@@ -21,6 +21,9 @@ struct SegmentScanner {
     /// The sequence number of the last log record replayed.
     var lastSequence: UInt64 = 0
     private let snapshotRegister: UInt32
+    /// Where the index next considers growing.
+    private var nextGrowthCheck = SegmentScanner.growthInterval
+    static let growthInterval = 8 << 20
 
     enum Outcome: Equatable {
         /// The segment ends at `validEnd` (anything after it is a torn tail).
@@ -36,6 +39,23 @@ struct SegmentScanner {
         self.salvage = salvage
         self.machine = machine
         self.snapshotRegister = JournalFormat.domainRegister(generation)
+    }
+
+    // MARK: Index growth
+
+    /// Grows the index ahead of replay, so it is not rehashed at every doubling: every 8 MiB,
+    /// room for what the rest of the file would hold at the density seen so far, but never
+    /// more than four times what the index holds now. Memory stays bounded by the live records
+    /// (a garbage or sparse file reserves nothing), however large the file.
+    private mutating func growIndex(at offset: Int) {
+        nextGrowthCheck = offset + Self.growthInterval
+        let total = min(reader.size, max(reader.allocatedBytes, offset))
+        guard offset > 0, total > offset else { return }
+        func target(_ count: Int) -> Int {
+            let estimate = Int((Double(count) * Double(total) / Double(offset) * 1.1).rounded(.up))
+            return min(estimate, 4 * count)
+        }
+        machine.reserveCapacity(records: target(machine.records.count), state: target(machine.state.count))
     }
 
     // MARK: Version 2
@@ -55,6 +75,7 @@ struct SegmentScanner {
         var expected: UInt64 = JournalFormat.snapshotBit  // the next sequence number
         var contents = RecordContents()
         while at < reader.size {
+            if at >= nextGrowthCheck { growIndex(at: at) }
             let (header, next): (JournalFormat.RecordHeader, Int)
             switch try readRecord(at: at, into: &contents) {
             case .success(let read):
@@ -100,7 +121,7 @@ struct SegmentScanner {
                 report.salvageActions.append(RecoveryReport.SalvageAction(bytes: at..<at, missingSequences: missing, reason: why))
             }
 
-            apply(contents, snapshot: header.isSnapshot)
+            apply(&contents, snapshot: header.isSnapshot)
             if let end = contents.end {
                 inSnapshot = false
                 expected = end.nextSequence
@@ -154,11 +175,14 @@ struct SegmentScanner {
         return .inPlace
     }
 
-    private mutating func apply(_ contents: RecordContents, snapshot: Bool = false) {
-        for c in contents.changes { machine.replay(c) }
+    /// Replays a record's changes, moving them out of `contents` (emptied, its storage kept).
+    private mutating func apply(_ contents: inout RecordContents, snapshot: Bool = false) {
+        report.changes += contents.changes.count
+        // In order, each change moved (not copied) into the index: reverse, then pop.
+        contents.changes.reverse()
+        while let c = contents.changes.popLast() { machine.replay(c) }
         if let t = contents.token { machine.raiseLastToken(to: t) }
         if snapshot { report.snapshotRecords += 1 } else { report.journalRecords += 1 }
-        report.changes += contents.changes.count
     }
 
     private mutating func drop(_ bytes: Range<Int>, reason: String) {
@@ -250,9 +274,10 @@ struct SegmentScanner {
         var at = start
         var contents = RecordContents()
         while at < reader.size {
+            if at >= nextGrowthCheck { growIndex(at: at) }
             switch try readVersion1Record(at: at, into: &contents) {
             case .success(let next):
-                apply(contents)
+                apply(&contents)
                 at = next
             case .failure(let problem):
                 if let q = try nextIntactVersion1Record(after: at) {

@@ -35,9 +35,11 @@ public struct FileStoreConfiguration: Sendable {
     /// ``FileDedupeStore/run()`` compacts when the journal has grown by at least this many bytes
     /// and by at least the size of the last compacted journal. Default: 64 MiB.
     public var compactionThreshold: Int = 64 << 20
-    /// Opens a journal with a corrupt record in the middle by dropping the corrupt bytes
-    /// (reported in ``FileDedupeStore/recovery``) instead of refusing to open. Default: false.
-    /// Dropped bytes held acknowledged operations: their keys may be processed again.
+    /// Opens a damaged journal — a corrupt record in the middle, a record repeated, missing or
+    /// out of place, an incomplete journal with nothing older to fall back to — by dropping
+    /// what is damaged or misplaced (each reported in ``RecoveryReport/salvageActions``) and
+    /// rewriting the journal clean, instead of refusing to open. Default: false. Dropped records
+    /// held acknowledged operations: their keys may be processed again.
     public var salvage: Bool = false
 
     /// Defaults, in `directory`.
@@ -65,6 +67,7 @@ public struct RecoveryReport: Sendable, Hashable, CustomStringConvertible {
             self.reason = reason
         }
 
+        /// The action in one line, for logs.
         public var description: String {
             var s = bytes.isEmpty ? "at byte \(bytes.lowerBound)" : "dropped bytes \(bytes.lowerBound)..<\(bytes.upperBound)"
             if let m = missingSequences { s += ", records \(m.lowerBound)..<\(m.upperBound) missing" }
@@ -111,6 +114,7 @@ public struct RecoveryReport: Sendable, Hashable, CustomStringConvertible {
     /// An empty report.
     public init() {}
 
+    /// The report in one line, for logs.
     public var description: String {
         var s = "generation \(generation), \(snapshotRecords) snapshot and \(journalRecords) log records, \(changes) changes, \(liveRecords) live records, last sequence \(lastSequence)"
         if createdNew { s += ", new journal" }
@@ -134,8 +138,8 @@ public struct CompactionReport: Sendable, Hashable {
     public var generation: UInt64
 }
 
-/// The embedded durable dedupe store: an append-only, checksummed journal in one directory,
-/// with group commit, recovery on open and compaction.
+/// The embedded durable dedupe store: an append-only, checksummed, sequence-numbered journal
+/// in one directory, with group commit, recovery on open and compaction.
 ///
 /// Every operation (a claim batch, a batch of completions with their effect writes, a release)
 /// is applied to an in-memory index (`DedupeStateMachine`, the same rules as every store) and
@@ -184,12 +188,16 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
     }
 
     /// Opens (or creates) the store in `configuration.directory`: takes the directory's lock,
-    /// replays the journal, cuts a torn tail, and starts the writer thread. The blocking work
-    /// runs on a dedicated thread.
+    /// replays the newest complete journal segment in bounded memory (checking every record's
+    /// checksums and sequence number), cuts a torn tail, removes an incomplete newer segment,
+    /// migrates an older format, and starts the writer thread. The blocking work runs on a
+    /// dedicated thread. ``recovery`` says what was found and done.
     /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for a bad path or setting,
     ///   `ExactlyOnceError/Code/storeLocked` when another open store holds the directory,
-    ///   `ExactlyOnceError/Code/corruptData` for a foreign or damaged journal (the files are
-    ///   left untouched), `ExactlyOnceError/Code/ioFailure` for I/O errors.
+    ///   `ExactlyOnceError/Code/corruptData` for a foreign, damaged or out-of-order journal, or
+    ///   an incomplete one with nothing older to fall back to (the files are left untouched;
+    ///   see ``FileStoreConfiguration/salvage``), `ExactlyOnceError/Code/ioFailure` for I/O
+    ///   errors.
     public static func open(_ configuration: FileStoreConfiguration, clock: any WallClock = SystemWallClock(),
                             logger: Logger = Logger(label: "exactly-once.file-store", factory: { _ in SwiftLogNoOpLogHandler() })) async throws -> FileDedupeStore {
         try validate(configuration)
@@ -314,8 +322,8 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
     }
 
     /// Rewrites the live state (records not expired, state, fences, the token high-water mark)
-    /// into a new segment, syncs it, renames it into place, syncs the directory and deletes the
-    /// old segment. A crash at any moment leaves the old or the new segment, never a mix.
+    /// into a new segment closed by an end record, syncs it, renames it into place, syncs the
+    /// directory (only then does the new generation count) and deletes the old segment. A crash at any moment leaves the old or the new segment, never a mix.
     /// Operations keep being accepted; their acknowledgements wait while the new segment is
     /// written.
     @discardableResult

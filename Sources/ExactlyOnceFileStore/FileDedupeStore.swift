@@ -35,9 +35,11 @@ public struct FileStoreConfiguration: Sendable {
     /// ``FileDedupeStore/run()`` compacts when the journal has grown by at least this many bytes
     /// and by at least the size of the last compacted journal. Default: 64 MiB.
     public var compactionThreshold: Int = 64 << 20
-    /// Opens a journal with a corrupt record in the middle by dropping the corrupt bytes
-    /// (reported in ``FileDedupeStore/recovery``) instead of refusing to open. Default: false.
-    /// Dropped bytes held acknowledged operations: their keys may be processed again.
+    /// Opens a damaged journal — a corrupt record in the middle, a record repeated, missing or
+    /// out of place, an incomplete journal with nothing older to fall back to — by dropping
+    /// what is damaged or misplaced (each reported in ``RecoveryReport/salvageActions``) and
+    /// rewriting the journal clean, instead of refusing to open. Default: false. Dropped records
+    /// held acknowledged operations: their keys may be processed again.
     public var salvage: Bool = false
 
     /// Defaults, in `directory`.
@@ -48,30 +50,78 @@ public struct FileStoreConfiguration: Sendable {
 
 /// What opening a ``FileDedupeStore`` found and did.
 public struct RecoveryReport: Sendable, Hashable, CustomStringConvertible {
+    /// Something salvage (``FileStoreConfiguration/salvage``) dropped or found missing.
+    public struct SalvageAction: Sendable, Hashable, CustomStringConvertible {
+        /// The journal bytes dropped (empty when nothing was dropped but records were found
+        /// missing before this offset).
+        public var bytes: Range<Int>
+        /// Sequence numbers of log records that were missing (a gap), when known.
+        public var missingSequences: Range<UInt64>?
+        /// What was wrong.
+        public var reason: String
+
+        /// Describes one salvage action.
+        public init(bytes: Range<Int>, missingSequences: Range<UInt64>?, reason: String) {
+            self.bytes = bytes
+            self.missingSequences = missingSequences
+            self.reason = reason
+        }
+
+        /// The action in one line, for logs.
+        public var description: String {
+            var s = bytes.isEmpty ? "at byte \(bytes.lowerBound)" : "dropped bytes \(bytes.lowerBound)..<\(bytes.upperBound)"
+            if let m = missingSequences { s += ", records \(m.lowerBound)..<\(m.upperBound) missing" }
+            return s + ": " + reason
+        }
+    }
+
     /// The journal segment's generation (raised by every compaction).
     public var generation: UInt64 = 1
+    /// The format version of the journal as found on disk (``FileDedupeStore`` writes version
+    /// 2; a version 1 journal is migrated when opened, see ``migratedFromVersion``).
+    public var formatVersion: UInt32 = 2
+    /// Set when the journal was in an older format and was rewritten in the current one
+    /// (a compaction at open, before any new record was appended).
+    public var migratedFromVersion: UInt32?
     /// Whether the directory held no journal and a new one was created.
     public var createdNew = false
-    /// Journal records replayed (one per acknowledged or in-flight operation).
+    /// Log records replayed: one per acknowledged or in-flight operation since the segment's
+    /// snapshot (for a version 1 journal, every record).
     public var journalRecords = 0
+    /// Snapshot records replayed, the end record included (a compaction's output).
+    public var snapshotRecords = 0
     /// Changes replayed.
     public var changes = 0
     /// Dedupe records in the index after replay.
     public var liveRecords = 0
+    /// The sequence number of the last log record (0 when none was ever written); the next
+    /// operation is journaled as this plus one.
+    public var lastSequence: UInt64 = 0
     /// Bytes cut from the end of the journal: a torn last write from a crash.
     public var truncatedTailBytes = 0
     /// Why the tail was cut, when it was.
     public var tailProblem: String?
     /// Byte ranges dropped by salvage (``FileStoreConfiguration/salvage``).
     public var salvagedRanges: [Range<Int>] = []
-    /// Leftover files removed (older generations, unfinished compactions).
+    /// Everything salvage dropped or found missing, in file order, with the reason.
+    public var salvageActions: [SalvageAction] = []
+    /// Newer segments that were incomplete (a compaction that never wrote its end record) and
+    /// were removed in favour of the newest complete one.
+    public var incompleteSegments: [String] = []
+    /// Leftover files removed (older generations, incomplete newer ones, unfinished compactions).
     public var removedFiles: [String] = []
 
+    /// An empty report.
+    public init() {}
+
+    /// The report in one line, for logs.
     public var description: String {
-        var s = "generation \(generation), \(journalRecords) journal records, \(changes) changes, \(liveRecords) live records"
+        var s = "generation \(generation), \(snapshotRecords) snapshot and \(journalRecords) log records, \(changes) changes, \(liveRecords) live records, last sequence \(lastSequence)"
         if createdNew { s += ", new journal" }
+        if let v = migratedFromVersion { s += ", migrated from format version \(v)" }
         if truncatedTailBytes > 0 { s += ", truncated \(truncatedTailBytes) tail bytes (\(tailProblem ?? "torn write"))" }
-        if !salvagedRanges.isEmpty { s += ", salvage dropped \(salvagedRanges.map { "\($0.lowerBound)..<\($0.upperBound)" })" }
+        if !incompleteSegments.isEmpty { s += ", ignored incomplete \(incompleteSegments)" }
+        if !salvageActions.isEmpty { s += ", salvage: \(salvageActions.map(\.description).joined(separator: "; "))" }
         return s
     }
 }
@@ -88,8 +138,8 @@ public struct CompactionReport: Sendable, Hashable {
     public var generation: UInt64
 }
 
-/// The embedded durable dedupe store: an append-only, checksummed journal in one directory,
-/// with group commit, recovery on open and compaction.
+/// The embedded durable dedupe store: an append-only, checksummed, sequence-numbered journal
+/// in one directory, with group commit, recovery on open and compaction.
 ///
 /// Every operation (a claim batch, a batch of completions with their effect writes, a release)
 /// is applied to an in-memory index (`DedupeStateMachine`, the same rules as every store) and
@@ -138,20 +188,24 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
     }
 
     /// Opens (or creates) the store in `configuration.directory`: takes the directory's lock,
-    /// replays the journal, cuts a torn tail, and starts the writer thread. The blocking work
-    /// runs on a dedicated thread.
+    /// replays the newest complete journal segment in bounded memory (checking every record's
+    /// checksums and sequence number), cuts a torn tail, removes an incomplete newer segment,
+    /// migrates an older format, and starts the writer thread. The blocking work runs on a
+    /// dedicated thread. ``recovery`` says what was found and done.
     /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for a bad path or setting,
     ///   `ExactlyOnceError/Code/storeLocked` when another open store holds the directory,
-    ///   `ExactlyOnceError/Code/corruptData` for a foreign or damaged journal (the files are
-    ///   left untouched), `ExactlyOnceError/Code/ioFailure` for I/O errors.
+    ///   `ExactlyOnceError/Code/corruptData` for a foreign, damaged or out-of-order journal, or
+    ///   an incomplete one with nothing older to fall back to (the files are left untouched;
+    ///   see ``FileStoreConfiguration/salvage``), `ExactlyOnceError/Code/ioFailure` for I/O
+    ///   errors.
     public static func open(_ configuration: FileStoreConfiguration, clock: any WallClock = SystemWallClock(),
                             logger: Logger = Logger(label: "exactly-once.file-store", factory: { _ in SwiftLogNoOpLogHandler() })) async throws -> FileDedupeStore {
         try validate(configuration)
         let (core, report) = try await onDedicatedThread { () throws -> (JournalCore, RecoveryReport) in
-            try JournalCore.open(configuration, now: clock.now())
+            try Recovery.open(configuration)
         }
         core.startWriter()
-        if report.truncatedTailBytes > 0 || !report.salvagedRanges.isEmpty {
+        if report.truncatedTailBytes > 0 || !report.salvageActions.isEmpty || !report.incompleteSegments.isEmpty {
             logger.warning("file store recovered with repairs", metadata: ["directory": "\(configuration.directory)", "report": "\(report)"])
         } else {
             logger.info("file store opened", metadata: ["directory": "\(configuration.directory)", "report": "\(report)"])
@@ -268,8 +322,8 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
     }
 
     /// Rewrites the live state (records not expired, state, fences, the token high-water mark)
-    /// into a new segment, syncs it, renames it into place, syncs the directory and deletes the
-    /// old segment. A crash at any moment leaves the old or the new segment, never a mix.
+    /// into a new segment closed by an end record, syncs it, renames it into place, syncs the
+    /// directory (only then does the new generation count) and deletes the old segment. A crash at any moment leaves the old or the new segment, never a mix.
     /// Operations keep being accepted; their acknowledgements wait while the new segment is
     /// written.
     @discardableResult

@@ -8,21 +8,14 @@ import Testing
 /// header is refused. Nothing ever crashes.
 @Suite("File store corruption", .serialized, .timeLimit(.minutes(3)))
 struct CorruptionTests {
-    /// A journal with `n` completed keys, closed cleanly; returns the bytes and where each
-    /// record starts.
+    /// A journal with `n` completed keys, closed cleanly; returns the bytes and where each log
+    /// record starts (after the snapshot section: a new journal's end record).
     static func journal(_ dir: TempDirectory, keys n: Int64) async throws -> (bytes: [UInt8], recordStarts: [Int]) {
         let store = try await FileDedupeStore.open(FileStoreConfiguration(directory: dir.path))
         try await issue(store, 0..<n)
         await store.close()
         let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: dir.journal)))
-        var starts: [Int] = []
-        var at = JournalFormat.headerSize
-        while at < bytes.count {
-            starts.append(at)
-            let length = Int(bytes[at]) | Int(bytes[at + 1]) << 8 | Int(bytes[at + 2]) << 16 | Int(bytes[at + 3]) << 24
-            at += JournalFormat.recordHeaderSize + length
-        }
-        return (bytes, starts)
+        return (bytes, JournalLayout(bytes).logRecords.map(\.lowerBound))
     }
 
     static func write(_ bytes: [UInt8], to path: String) throws {
@@ -156,22 +149,31 @@ struct CorruptionTests {
             let size = Int.random(in: 4...64, using: &rng)
             var payload = (0..<size).map { _ in UInt8.random(in: 0...255, using: &rng) }
             if trial % 2 == 0 { payload[0] = 1; payload[1] = 0; payload[2] = 0; payload[3] = 0; if size > 4 { payload[4] = UInt8(trial % 7) } }
+            let layout = JournalLayout(bytes)
             var framed = ByteWriter()
-            framed.u32(UInt32(payload.count))
-            framed.u32(CRC32C.checksum(payload))
-            framed.bytes(payload)
+            framed.buffer = JournalLayout.frame(payload, sequence: layout.nextSequence)
             try Self.write(bytes + framed.buffer, to: dir.journal)
-            // At the tail, an undecodable record is a torn tail (cut), or a valid one (kept).
-            let store = try await Self.open(dir)
-            #expect(store.recovery.truncatedTailBytes == 0 || store.recovery.truncatedTailBytes == framed.buffer.count)
-            await store.close()
+            // At the tail, an undecodable record is a torn tail (cut), a valid one is kept, and
+            // one that decodes to something out of place (a second end record) is refused.
+            do {
+                let store = try await Self.open(dir)
+                #expect(store.recovery.truncatedTailBytes == 0 || store.recovery.truncatedTailBytes == framed.buffer.count)
+                await store.close()
+            } catch let e as ExactlyOnceError {
+                #expect(e.code == .corruptData, "\(e)")
+            }
         }
         // An absurd length in the middle, with a valid record after it: refused.
         var framed = ByteWriter()
         framed.u32(0xFFFF_FFF0)
         framed.u32(0)
-        try Self.write(bytes + framed.buffer + Array(bytes[JournalFormat.headerSize...]), to: dir.journal)
-        await #expect(throws: ExactlyOnceError.self) { try await Self.open(dir) }
+        let layout = JournalLayout(bytes)
+        let last = layout.logRecords.last!
+        // The absurd length, then an intact record in its right place.
+        let following = JournalLayout.frame(Array(bytes[(last.lowerBound + JournalFormat.recordHeaderSize)..<last.upperBound]), sequence: layout.nextSequence)
+        try Self.write(bytes + framed.buffer + following, to: dir.journal)
+        let error = await #expect(throws: ExactlyOnceError.self) { try await Self.open(dir) }
+        #expect(error?.code == .corruptData)
     }
 
     @Test func crc32cMatchesKnownVectors() {

@@ -1,6 +1,7 @@
 import ExactlyOnce
 @testable import ExactlyOnceFileStore
 import Foundation
+import TestSupport
 import Testing
 
 /// Real crashes: a child process claims and completes at full speed (8 concurrent lanes, group
@@ -10,14 +11,6 @@ import Testing
 /// number of its completed keys (no effect applied twice or lost).
 @Suite("File store SIGKILL", .serialized, .timeLimit(.minutes(3)))
 struct CrashChildTests {
-    static var child: URL {
-        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("FileStoreCrashChild").path) && dir.path != "/" {
-            dir = dir.deletingLastPathComponent()
-        }
-        return dir.appendingPathComponent("FileStoreCrashChild")
-    }
-
     @Test func killedAtRandomMomentsLosesNothingAcknowledged() async throws {
         let dir = try TempDirectory()
         defer { dir.cleanup() }
@@ -26,30 +19,24 @@ struct CrashChildTests {
         var next: Int64 = 0
         var kills = 0
         for round in 0..<15 {
-            let out = URL(fileURLWithPath: dir.path + "-round\(round).out")
-            _ = FileManager.default.createFile(atPath: out.path, contents: nil)
-            defer { try? FileManager.default.removeItem(at: out) }
-            let p = Process()
-            p.executableURL = Self.child
-            p.arguments = [dir.path, "\(next)"]
-            p.standardOutput = try FileHandle(forWritingTo: out)
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            // Output to a file, the exit awaited without blocking the cooperative pool.
+            let p = try ChildProcess(ChildProcess.builtProduct("FileStoreCrashChild"), [dir.path, "\(next)"], name: "crash-round\(round)")
             // Let it get going (opening the store takes a moment), then kill it at a random moment.
             let deadline = ContinuousClock.now + .seconds(20)
-            while ((try? Data(contentsOf: out).count) ?? 0) < 64 && p.isRunning && ContinuousClock.now < deadline {
+            while p.stdout.utf8.count < 64 && p.isRunning && ContinuousClock.now < deadline {
                 try await Task.sleep(for: .milliseconds(2))
             }
             try await Task.sleep(for: .milliseconds(Int.random(in: 0...60, using: &rng)))
-            #expect(p.isRunning, "the child must still be working when killed (round \(round))")
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
-            #expect(p.terminationReason == .uncaughtSignal)
+            #expect(p.isRunning, "the child must still be working when killed (round \(round)): \(p.stderr)")
+            p.kill(SIGKILL)
+            await p.wait()
+            #expect(p.wasSignalled)
             kills += 1
 
-            let printed = String(decoding: try Data(contentsOf: out), as: UTF8.self).split(separator: "\n")
+            let output = p.stdout
+            let printed = output.split(separator: "\n")
             // A line cut by the kill is not an acknowledgement.
-            let complete = String(decoding: try Data(contentsOf: out), as: UTF8.self).hasSuffix("\n") ? printed : printed.dropLast()
+            let complete = output.hasSuffix("\n") ? printed : printed.dropLast()
             let acked = complete.compactMap { Int64($0) }
             acknowledged.formUnion(acked)
             next = (acked.max() ?? next) + 1

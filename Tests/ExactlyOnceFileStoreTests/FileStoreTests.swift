@@ -251,8 +251,9 @@ struct FileStoreTests {
         config.compactionThreshold = 1
         let store = try await FileDedupeStore.open(config)
         try await issue(store, 0..<20)
+        let initial = store.core.withLock { $0.compactedBytes }
         let runner = Task { try await store.run() }
-        for _ in 0..<400 where store.core.withLock({ $0.compactedBytes }) == JournalFormat.headerSize {
+        for _ in 0..<400 where store.core.withLock({ $0.compactedBytes }) == initial {
             try await Task.sleep(for: .milliseconds(5))
         }
         runner.cancel()

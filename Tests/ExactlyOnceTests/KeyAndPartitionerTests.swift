@@ -1,4 +1,5 @@
 import ExactlyOnce
+import ExactlyOnceTestKit
 import Testing
 
 @Suite struct IdempotencyKeyTests {
@@ -26,6 +27,26 @@ import Testing
         #expect(throws: ExactlyOnceError.self) { try IdempotencyKey.coupon(couponId: "", memberId: "1") }
         #expect(throws: ExactlyOnceError.self) { try IdempotencyKey(rawValue: "a::b") }
         #expect(throws: ExactlyOnceError.self) { try IdempotencyKey(rawValue: "") }
+    }
+
+    /// `init(rawValue:)` checks in one pass over the bytes; it accepts exactly what the
+    /// definition (non-empty, at most 200 bytes, no control character, no empty part) accepts.
+    @Test func rawValueValidationMatchesItsDefinition() {
+        func reference(_ s: String) -> Bool {
+            !s.isEmpty && s.utf8.count <= IdempotencyKey.maximumLength
+                && !s.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7F }
+                && !s.split(separator: ":", omittingEmptySubsequences: false).contains { $0.isEmpty }
+        }
+        let alphabet: [String] = ["a", "1", ":", "é", "\u{1}", "\u{7F}", "%", "#", "😀", " "]
+        var rng = SeededRandom(seed: 9)
+        var cases = [":", "a:", ":a", "a::b", "a:b", "a", String(repeating: "x", count: 200), String(repeating: "x", count: 201)]
+        for _ in 0..<5000 {
+            let n = Int(rng.next() % 8)
+            cases.append((0..<n).map { _ in alphabet[Int(rng.next() % UInt64(alphabet.count))] }.joined())
+        }
+        for c in cases {
+            #expect(((try? IdempotencyKey(rawValue: c)) != nil) == reference(c), "\(c.debugDescription)")
+        }
     }
 
     @Test func longKeysAreBoundedByAStableHash() throws {

@@ -2,15 +2,55 @@ import ExactlyOnce
 import ExactlyOnceFileStore
 import Foundation
 
-// A child process for the file store's crash tests: claims and completes keys at full speed
-// from several tasks and prints each key once its completion is acknowledged (durable). The
-// test kills it with SIGKILL at random moments and checks the directory after each kill.
+// A child process for the file store's tests.
 //
 // usage: FileStoreCrashChild DIRECTORY FIRST-KEY
+//   claims and completes keys at full speed from several tasks and prints each key once its
+//   completion is acknowledged (durable). The test kills it with SIGKILL at random moments and
+//   checks the directory after each kill.
+// usage: FileStoreCrashChild open DIRECTORY [salvage]
+//   opens the store once and prints one JSON object: what recovery did or the error, and the
+//   process's peak resident memory before and after the open (so a test can bound what opening
+//   a huge or sparse journal costs, in a process of its own: an allocation failure kills this
+//   child, not the test runner).
 
 let args = CommandLine.arguments
+
+func peakResidentKiB() -> Int {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return Int(usage.ru_maxrss)
+}
+
+if args.count >= 3 && args[1] == "open" {
+    var config = FileStoreConfiguration(directory: args[2])
+    config.salvage = args.count > 3 && args[3] == "salvage"
+    var out: [String: Any] = ["peakKiBBefore": peakResidentKiB()]
+    let start = ContinuousClock.now
+    do {
+        let store = try await FileDedupeStore.open(config)
+        out["ok"] = true
+        out["records"] = store.count
+        out["counter"] = Int(String(decoding: try await store.readState("count").value ?? [], as: UTF8.self)) ?? 0
+        out["truncatedTailBytes"] = store.recovery.truncatedTailBytes
+        out["salvageActions"] = store.recovery.salvageActions.count
+        out["report"] = store.recovery.description
+        await store.close()
+    } catch let e as ExactlyOnceError {
+        out["ok"] = false
+        out["code"] = "\(e.code)"
+        out["message"] = e.message
+    }
+    let elapsed = ContinuousClock.now - start
+    out["seconds"] = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    out["peakKiBAfter"] = peakResidentKiB()
+    let json = try JSONSerialization.data(withJSONObject: out, options: [.sortedKeys])
+    FileHandle.standardOutput.write(json + Data("\n".utf8))
+    exit(0)
+}
+
 guard args.count == 3, let first = Int64(args[2]) else {
-    FileHandle.standardError.write(Data("usage: FileStoreCrashChild DIRECTORY FIRST-KEY\n".utf8))
+    FileHandle.standardError.write(Data("usage: FileStoreCrashChild DIRECTORY FIRST-KEY | FileStoreCrashChild open DIRECTORY [salvage]\n".utf8))
     exit(2)
 }
 let lanes: Int64 = 8

@@ -11,6 +11,9 @@ import Foundation
 /// - `fileRecoveryRecordsPerSecond`: dedupe records rebuilt per second when opening a journal
 ///   written the way the consumer writes it (claim batches of 64, completion batches of 64, each
 ///   completion with an outcome and one state write): 3 changes per key.
+///
+/// `BENCH_FILE_KEEP=<directory>` copies the recovery journal there (to profile an open of it
+/// again, for example with `FileStoreCrashChild open <directory>`).
 func runFileBenchmarks(claimers: Int = 64, groupClaims: Int = 200, eachClaims: Int = 40, recoveryKeys: Int = 2_000_000) async throws -> [String: Double] {
     let base = FileManager.default.temporaryDirectory.appendingPathComponent("eo-file-bench-\(getpid())").path
     try? FileManager.default.removeItem(atPath: base)
@@ -75,6 +78,10 @@ func runFileBenchmarks(claimers: Int = 64, groupClaims: Int = 200, eachClaims: I
     let recovered = reopened.count
     let changes = reopened.recovery.changes
     await reopened.close()
+    if let keep = ProcessInfo.processInfo.environment["BENCH_FILE_KEEP"] {
+        try? FileManager.default.removeItem(atPath: keep)
+        try FileManager.default.copyItem(atPath: dir, toPath: keep)
+    }
     guard recovered == workers * batchesPerWorker * batch else {
         throw ExactlyOnceError(.corruptData, "recovery found \(recovered) records, expected \(workers * batchesPerWorker * batch)")
     }

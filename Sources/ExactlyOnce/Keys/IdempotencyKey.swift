@@ -40,16 +40,27 @@ public struct IdempotencyKey: Hashable, Sendable, Comparable, CustomStringConver
     /// - Throws: ``ExactlyOnceError/Code/invalidKey`` if `rawValue` is empty, too long, or holds
     ///   an empty part or a control character.
     public init(rawValue: String) throws {
-        guard !rawValue.isEmpty else { throw ExactlyOnceError(.invalidKey, "empty idempotency key") }
-        guard rawValue.utf8.count <= Self.maximumLength else {
+        // One pass over the UTF-8 bytes (stores read keys back by the million on recovery):
+        // control characters are single bytes in UTF-8, and an empty part is a ':' at either
+        // end or next to another.
+        var count = 0
+        var control = false
+        var emptyPart = false
+        var afterColon = true
+        for byte in rawValue.utf8 {
+            count += 1
+            if byte < 0x20 || byte == 0x7F { control = true }
+            let colon = byte == UInt8(ascii: ":")
+            if colon && afterColon { emptyPart = true }
+            afterColon = colon
+        }
+        if afterColon { emptyPart = true }
+        guard count > 0 else { throw ExactlyOnceError(.invalidKey, "empty idempotency key") }
+        guard count <= Self.maximumLength else {
             throw ExactlyOnceError(.invalidKey, "idempotency key longer than \(Self.maximumLength) bytes: \(Self.abbreviate(rawValue))")
         }
-        for scalar in rawValue.unicodeScalars where Self.isControl(scalar) {
-            throw ExactlyOnceError(.invalidKey, "control character in idempotency key \(Self.abbreviate(rawValue))")
-        }
-        if rawValue.split(separator: ":", omittingEmptySubsequences: false).contains(where: \.isEmpty) {
-            throw ExactlyOnceError(.invalidKey, "empty part in idempotency key \(Self.abbreviate(rawValue))")
-        }
+        if control { throw ExactlyOnceError(.invalidKey, "control character in idempotency key \(Self.abbreviate(rawValue))") }
+        if emptyPart { throw ExactlyOnceError(.invalidKey, "empty part in idempotency key \(Self.abbreviate(rawValue))") }
         self.rawValue = rawValue
     }
 

@@ -29,6 +29,12 @@ package struct DedupeStateMachine: Sendable {
         self.state.reserveCapacity(records)
     }
 
+    /// Reserves room for `records` dedupe records and `state` state keys (never shrinks).
+    package mutating func reserveCapacity(records: Int, state: Int) {
+        if records > self.records.capacity { self.records.reserveCapacity(records) }
+        if state > self.state.capacity { self.state.reserveCapacity(state) }
+    }
+
     /// A change the machine made, for journaling stores.
     package enum Change: Sendable, Hashable {
         /// A record was created or replaced.
@@ -196,8 +202,9 @@ package struct DedupeStateMachine: Sendable {
         return victims.count
     }
 
-    /// Re-applies a journaled change (recovery).
-    package mutating func replay(_ change: Change) {
+    /// Re-applies a journaled change (recovery). Consumes it, so a record moves into the index
+    /// without being copied.
+    package mutating func replay(_ change: consuming Change) {
         switch change {
         case .record(let r):
             records[r.key] = r

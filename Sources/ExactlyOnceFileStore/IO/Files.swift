@@ -72,24 +72,11 @@ enum Files {
         return Int(st.st_size)
     }
 
-    /// Reads the whole file from offset 0.
-    static func readAll(_ fd: Int32, path: String) throws -> [UInt8] {
-        let total = try size(fd, path: path)
-        var out = [UInt8](repeating: 0, count: total)
-        var done = 0
-        try out.withUnsafeMutableBytes { buf in
-            while done < total {
-                let n = pread(fd, buf.baseAddress! + done, min(total - done, 1 << 24), off_t(done))
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw error("cannot read", path)
-                }
-                if n == 0 { break }
-                done += n
-            }
-        }
-        if done < total { out.removeLast(total - done) }
-        return out
+    /// The file's size and its allocated bytes (less than the size when it is sparse).
+    static func sizes(_ fd: Int32, path: String) throws -> (size: Int, allocated: Int) {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw error("cannot stat", path) }
+        return (Int(st.st_size), Int(st.st_blocks) * 512)
     }
 
     static func truncateFile(_ fd: Int32, to length: Int, path: String) throws {

@@ -121,15 +121,15 @@ public enum TransportConformance {
             let waiting = Task { () -> (Int, Duration) in
                 let start = clock.now
                 var n = 0
-                while n == 0 && clock.now - start < .seconds(20) {
-                    n += try await sub.poll(maxRecords: 10, maxWait: .seconds(10)).records.count
+                while n == 0 && clock.now - start < .seconds(120) {
+                    n += try await sub.poll(maxRecords: 10, maxWait: .seconds(60)).records.count
                 }
                 return (n, clock.now - start)
             }
             try await Task.sleep(for: .milliseconds(100))
             _ = try await transport.publish(rec("wake"), to: topic, partitioning: .explicit(0))
             let (n, took) = try await waiting.value
-            try require(n == 1 && took < .seconds(8), check, "a publish ends the wait: \(n) record(s) after \(took)")
+            try require(n == 1 && took < .seconds(30), check, "a publish ends a 60 s wait early: \(n) record(s) after \(took)")
             try await sub.close()
 
         case "partition-status":

@@ -16,6 +16,13 @@ import Foundation
 
 let args = CommandLine.arguments
 
+// Die with the test runner: a runner killed mid-test must not leave a child appending forever.
+let parent = getppid()
+Thread.detachNewThread {
+    while getppid() == parent { usleep(100_000) }
+    exit(3)
+}
+
 func peakResidentKiB() -> Int {
     var usage = rusage()
     getrusage(RUSAGE_SELF.rawValue, &usage)

@@ -88,10 +88,23 @@ enum Files {
     }
 
     /// Takes an exclusive, non-blocking `flock` on `path` (created 0600); returns its descriptor.
-    static func lock(_ path: String, directory: String) throws -> Int32 {
+    ///
+    /// A lock that is busy is tried again for up to `grace` (checking every 10 ms) before it is
+    /// reported: a child process that another thread of this process is spawning holds a copy
+    /// of every descriptor between its fork and its exec (ours are close-on-exec), and with it,
+    /// for that instant, a store's lock that was just released. Runs on the store's opening
+    /// thread, never on the cooperative pool.
+    static func lock(_ path: String, directory: String, grace: Duration = .milliseconds(500)) throws -> Int32 {
         let fd = try openFile(path, create: true)
-        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+        let clock = ContinuousClock()
+        let deadline = clock.now + grace
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let e = errno
+            if e == EINTR { continue }
+            if e == EWOULDBLOCK && clock.now < deadline {
+                usleep(10_000)
+                continue
+            }
             close(fd)
             if e == EWOULDBLOCK {
                 throw ExactlyOnceError(.storeLocked, "store directory \(directory) is locked by another open store (another process, or another FileDedupeStore in this one)")

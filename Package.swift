@@ -45,7 +45,7 @@ let package = Package(
         .executableTarget(
             name: "CouponDemo",
             dependencies: [
-                "CouponKit", "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceTestKit",
+                "CouponKit", "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceTestKit", "ExactlyOnceKafka",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

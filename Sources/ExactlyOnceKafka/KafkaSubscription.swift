@@ -31,13 +31,21 @@ final class ConsumerCore: @unchecked Sendable {
     var joined = false
     var rebalanced = false
     var closed = false
+    /// Set by ``KafkaTransport/restartMember(_:group:topic:)``: the next subscribe of this member
+    /// id takes this consumer over instead of joining anew.
+    let restartRequested = StopFlagResettable()
+    /// Live ``KafkaSubscription`` objects on this consumer.
+    var owners = 0
     /// Records fetched while waiting for the join, handed out by the next poll.
     var carry: [ConsumedRecord] = []
     var lastError: ExactlyOnceError?
     let onAssignment: @Sendable ([PartitionID: UInt64]?) -> Void
 
-    init(topic: String, group: String, memberID: String, configuration: KafkaTransport.Configuration,
+    let queue: DispatchQueue
+
+    init(topic: String, group: String, memberID: String, configuration: KafkaTransport.Configuration, queue: DispatchQueue,
          onAssignment: @escaping @Sendable ([PartitionID: UInt64]?) -> Void) {
+        self.queue = queue
         self.topic = topic
         self.group = group
         self.memberID = memberID
@@ -128,6 +136,39 @@ final class ConsumerCore: @unchecked Sendable {
         }
     }
 
+    /// A restart of this member in place: what was handed out and not committed is forgotten,
+    /// every assigned partition is read again from its committed offset (as read from the broker),
+    /// and the next subscribe of the member id takes the consumer over.
+    func restart() throws {
+        guard let rk = handle?.pointer, !closed else { return }
+        pending = [:]
+        carry = []
+        guard !assignment.isEmpty else { return }
+        let list = KafkaPartitionList(capacity: assignment.count)
+        for p in assignment.keys { list.add(topic, p.rawValue) }
+        let err = rd_kafka_committed(rk, list.pointer, milliseconds(configuration.operationTimeout))
+        guard err == RD_KAFKA_RESP_ERR_NO_ERROR else { throw kafkaError(err, "committed offsets of \(topic)") }
+        let seekList = KafkaPartitionList(capacity: assignment.count)
+        var positions: [PartitionID: Int64] = [:]
+        for e in list.entries where e.error == RD_KAFKA_RESP_ERR_NO_ERROR {
+            let p = PartitionID(e.partition)
+            guard assignment[p] != nil else { continue }
+            // A committed offset is only trusted within what this member read of the partition.
+            let start = e.offset >= 0 ? e.offset : Int64(RD_KAFKA_OFFSET_BEGINNING)
+            if let read = delivered[p], start > read { continue }
+            seekList.add(topic, p.rawValue, offset: start)
+            positions[p] = max(0, start)
+        }
+        if let error = rd_kafka_seek_partitions(rk, seekList.pointer, milliseconds(configuration.operationTimeout)) {
+            let code = rd_kafka_error_code(error)
+            rd_kafka_error_destroy(error)
+            throw kafkaError(code, "seek \(topic) back to committed offsets")
+        }
+        for e in seekList.entries where e.error == RD_KAFKA_RESP_ERR_NO_ERROR {
+            delivered[PartitionID(e.partition)] = positions[PartitionID(e.partition)]
+        }
+    }
+
     /// Retries pending commits of partitions still owned at the epoch they were made in.
     func retryPending(_ rk: OpaquePointer, only: Set<PartitionID>? = nil) {
         var todo: [PartitionID: Int64] = [:]
@@ -177,6 +218,28 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
     let transport: KafkaTransport
     private let cancelled = StopFlag()
 
+    /// Takes over a consumer whose member restarted (``KafkaTransport/restartMember(_:group:topic:)``).
+    init(adopting core: ConsumerCore, transport: KafkaTransport, partitions: Int, fencingScope: String) {
+        self.transport = transport
+        topic = core.topic
+        group = core.group
+        memberID = core.memberID
+        self.partitions = partitions
+        self.fencingScope = fencingScope
+        queue = core.queue
+        self.core = core
+    }
+
+    /// Finishes a takeover: the consumer reads again from the committed offsets.
+    func adopt() async throws {
+        let core = self.core
+        try await onQueue(queue) {
+            core.owners += 1
+            defer { core.restartRequested.clear() }
+            try core.restart()
+        }
+    }
+
     init(transport: KafkaTransport, topic: String, group: String, memberID: String, partitions: Int, fencingScope: String) throws {
         self.transport = transport
         self.topic = topic
@@ -184,11 +247,13 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
         self.memberID = memberID
         self.partitions = partitions
         self.fencingScope = fencingScope
-        queue = DispatchQueue(label: "exactly-once.kafka.consumer.\(memberID)")
+        let queue = DispatchQueue(label: "exactly-once.kafka.consumer.\(memberID)")
+        self.queue = queue
         let registry = transport.registry
-        core = ConsumerCore(topic: topic, group: group, memberID: memberID, configuration: transport.configuration) { a in
+        core = ConsumerCore(topic: topic, group: group, memberID: memberID, configuration: transport.configuration, queue: queue) { a in
             registry.set(group: group, topic: topic, member: memberID, assignment: a)
         }
+        core.owners = 1
         let conf = try KafkaConf(transport.configuration.consumerProperties(group: group, clientID: memberID))
         if let c = conf.pointer {
             rd_kafka_conf_set_rebalance_cb(c, rebalanceCallback)
@@ -423,8 +488,13 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
     deinit {
         let core = self.core
         queue.async {
-            core.onAssignment(nil)
-            core.handle = nil
+            core.owners -= 1
+            // The last owner of a consumer nobody will take over: give the handle up (the member
+            // leaves the group when its session lapses, as after a crash).
+            if core.owners == 0 && !core.restartRequested.isSet {
+                core.onAssignment(nil)
+                core.handle = nil
+            }
         }
     }
 }

@@ -136,10 +136,34 @@ public final class KafkaTransport: MessageTransport, Sendable {
         }
         let partitions = try await partitionCount(of: topic)
         let scope = "kafka:\(try await clusterID())/\(group)/\(topic)"
+        if let core = restarting.withLock({ $0.removeValue(forKey: Self.memberKey(group, topic, memberID)) }) {
+            let sub = KafkaSubscription(adopting: core, transport: self, partitions: partitions, fencingScope: scope)
+            try await sub.adopt()
+            return sub
+        }
         let sub = try KafkaSubscription(transport: self, topic: topic, group: group, memberID: memberID,
                                         partitions: partitions, fencingScope: scope)
         try await sub.start()
+        live.withLock { $0[Self.memberKey(group, topic, memberID)] = Weak(sub.core) }
         return sub
+    }
+
+    private let live = Mutex<[String: Weak]>([:])
+    private let restarting = Mutex<[String: ConsumerCore]>([:])
+
+    static func memberKey(_ group: String, _ topic: String, _ member: String) -> String { "\(group)\u{1}\(topic)\u{1}\(member)" }
+
+    /// Restarts member `memberID` of `group` on `topic` in place, as a process that crashed and
+    /// came back at once under a static member id would: what it was handed and did not commit is
+    /// forgotten, its partitions are read again from their committed offsets, and the next
+    /// ``subscribe(topic:group:memberID:)`` with this member id takes its consumer over without a
+    /// rebalance (its epochs stay). The demo's and simulator's injected crashes use this; a
+    /// member unknown to this process is ignored.
+    public func restartMember(_ memberID: String, group: String, topic: String) {
+        let key = Self.memberKey(group, topic, memberID)
+        guard let core = live.withLock({ $0[key]?.core }) else { return }
+        core.restartRequested.set()
+        restarting.withLock { $0[key] = core }
     }
 
     /// A consumer handle in `group` that never joins it (for committed offsets).
@@ -272,6 +296,12 @@ public final class KafkaTransport: MessageTransport, Sendable {
     public func flush(timeout: Duration = .seconds(10)) async {
         await producer.flush(timeout)
     }
+}
+
+/// A weak reference to a consumer.
+struct Weak: @unchecked Sendable {
+    weak var core: ConsumerCore?
+    init(_ core: ConsumerCore) { self.core = core }
 }
 
 /// The live subscriptions of this process (owners and epochs for ``KafkaTransport/partitionStatus(group:topic:)``).

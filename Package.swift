@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "ExactlyOnceRedis", targets: ["ExactlyOnceRedis"]),
         .library(name: "ExactlyOnceFileStore", targets: ["ExactlyOnceFileStore"]),
         .library(name: "CouponKit", targets: ["CouponKit"]),
+        .library(name: "ExactlyOnceKafka", targets: ["ExactlyOnceKafka"]),
         .executable(name: "coupon-demo", targets: ["CouponDemo"]),
         .executable(name: "exactly-once-admin", targets: ["ExactlyOnceAdmin"]),
     ],
@@ -44,7 +45,7 @@ let package = Package(
         .executableTarget(
             name: "CouponDemo",
             dependencies: [
-                "CouponKit", "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceTestKit",
+                "CouponKit", "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceTestKit", "ExactlyOnceKafka",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -97,6 +98,22 @@ let package = Package(
             name: "ExactlyOnceRedisTests",
             dependencies: [
                 "ExactlyOnceRedis", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "TestSupport",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .systemLibrary(
+            name: "CRdKafka",
+            pkgConfig: "rdkafka",
+            providers: [.apt(["librdkafka-dev"]), .brew(["librdkafka"])]
+        ),
+        .target(
+            name: "ExactlyOnceKafka",
+            dependencies: ["ExactlyOnce", "CRdKafka", .product(name: "Logging", package: "swift-log")]
+        ),
+        .testTarget(
+            name: "ExactlyOnceKafkaTests",
+            dependencies: [
+                "ExactlyOnceKafka", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -18,10 +18,12 @@ if [ "$profile" = "--list" ]; then list_only=1; profile="${2:-test}"; fi
 demo_deps=(
   "pkg:pkg-config|pkg-config|pkg-config"
   "pc:hiredis|libhiredis-dev|hiredis"
+  "pc:rdkafka|librdkafka-dev|librdkafka"
 )
 test_deps=(
   "bin:redis-server|redis-server|redis"
   "bin:redis-cli|redis-tools|redis"
+  "bin:kcat|kcat|kcat"
 )
 bench_deps=(
   "bin:redis-benchmark|redis-tools|redis"

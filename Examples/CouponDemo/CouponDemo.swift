@@ -23,7 +23,7 @@ struct CouponDemo: AsyncParsableCommand {
             The sale is the default subcommand: its flags (coupon-demo sale --help) can be given \
             without the word "sale".
             """,
-        subcommands: [SaleCommand.self, PartitionCommand.self],
+        subcommands: [SaleCommand.self, PartitionCommand.self, KafkaMockCommand.self],
         defaultSubcommand: SaleCommand.self,
     )
 

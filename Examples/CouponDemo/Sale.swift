@@ -80,6 +80,9 @@ struct SaleRunner {
             let sale = try await RedisSale(url: o.redisURL ?? defaultRedisURL, keyPrefix: "coupon-demo:\(o.saleID):streams:",
                                            sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
             return try await run(sale: sale, store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
+        case .kafka:
+            let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
+            return try await run(sale: sale, store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
         case .memory:
             return try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
         }

@@ -12,6 +12,7 @@ enum StoreKind: String, ExpressibleByArgument, CaseIterable, Sendable {
 enum TransportKind: String, ExpressibleByArgument, CaseIterable, Sendable {
     case memory
     case redisStreams = "redis-streams"
+    case kafka
 }
 
 /// Which side of the sale this process runs.
@@ -61,6 +62,9 @@ struct SaleOptions: ParsableArguments, Sendable {
 
     @Option(name: .customLong("redis-url"), help: "redis://[user:password@]host:port[/db] or unix:///path (default: redis://127.0.0.1:6379).")
     var redisURL: String?
+
+    @Option(name: .customLong("kafka-brokers"), help: "Kafka bootstrap servers HOST:PORT[,...] with --transport kafka (default: an in-process mock cluster).")
+    var kafkaBrokers: String?
 
     @Option(name: .customLong("data-dir"), help: "Where the file store keeps the sale (DIR/sale-<id>, with --store file).")
     var dataDir: String?
@@ -120,10 +124,26 @@ struct SaleOptions: ParsableArguments, Sendable {
             throw bad("--transport redis-streams keeps the sale's records and offsets across runs, so it needs a durable store: add --store redis (or --store file)")
         }
         if role != .all && transport == .memory {
-            throw bad("--role \(role.rawValue) splits the sale across processes, which needs a shared transport (--transport redis-streams) and a shared store (--store redis)")
+            throw bad("--role \(role.rawValue) splits the sale across processes, which needs a shared transport (--transport redis-streams or kafka) and a shared store (--store redis)")
         }
         if redisURL != nil && store != .redis && transport != .redisStreams {
             throw bad("--redis-url is used with --store redis or --transport redis-streams")
+        }
+        if kafkaBrokers != nil && transport != .kafka { throw bad("--kafka-brokers is used with --transport kafka") }
+        if let kafkaBrokers {
+            let parts = kafkaBrokers.split(separator: ",", omittingEmptySubsequences: false)
+            for part in parts {
+                let hp = part.split(separator: ":", omittingEmptySubsequences: false)
+                guard hp.count >= 2, !hp.dropLast().joined(separator: ":").isEmpty, let port = Int(hp.last!), (1...65535).contains(port) else {
+                    throw bad("--kafka-brokers must be HOST:PORT[,HOST:PORT...], got \"\(kafkaBrokers)\"")
+                }
+            }
+            if store == .memory {
+                throw bad("--kafka-brokers keeps the sale's records and offsets across runs, so it needs a durable store: add --store redis (or --store file)")
+            }
+        }
+        if role != .all && transport == .kafka && kafkaBrokers == nil {
+            throw bad("--role \(role.rawValue) with --transport kafka needs a shared cluster: --kafka-brokers HOST:PORT (for example from coupon-demo kafka-mock)")
         }
         if memberID != nil && role != .consume { throw bad("--member-id is used with --role consume") }
         if let memberID, memberID.isEmpty || memberID.utf8.count > 200 || memberID.contains(where: { $0.isNewline || $0 == "\0" }) {

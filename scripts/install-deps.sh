@@ -22,9 +22,11 @@ demo_deps=(
 test_deps=(
   "bin:redis-server|redis-server|redis"
   "bin:redis-cli|redis-tools|redis"
+  "dir:/usr/lib/postgresql/*/bin/initdb|postgresql|postgresql"
 )
 bench_deps=(
   "bin:redis-benchmark|redis-tools|redis"
+  "dir:/usr/lib/postgresql/*/bin/pgbench|postgresql|postgresql"
 )
 
 case "$profile" in

@@ -45,7 +45,11 @@ let package = Package(
         ),
         .target(
             name: "CouponKit",
-            dependencies: ["ExactlyOnce", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "ExactlyOnce", .product(name: "Logging", package: "swift-log"),
+                .target(name: "ExactlyOncePostgres", condition: .when(traits: ["Postgres"])),
+                .product(name: "PostgresNIO", package: "postgres-nio", condition: .when(traits: ["Postgres"])),
+            ],
             path: "Examples/CouponKit"
         ),
         .executableTarget(

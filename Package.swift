@@ -58,6 +58,7 @@ let package = Package(
                 "CouponKit", "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceTestKit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .target(name: "ExactlyOncePostgres", condition: .when(traits: ["Postgres"])),
             ],
             path: "Examples/CouponDemo"
         ),

@@ -17,7 +17,7 @@ public struct PostgresCouponTables: Sendable {
     public let schema: String
 
     /// Tables in `schema`.
-    /// - Throws: ``ExactlyOnce/ExactlyOnceError/Code/invalidConfiguration`` when `schema` is not a lowercase identifier.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` when `schema` is not a lowercase identifier.
     public init(schema: String) throws {
         let ok = !schema.isEmpty && schema.utf8.count <= 63 && schema.utf8.allSatisfy { $0 == UInt8(ascii: "_") || (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }
             && !(UInt8(ascii: "0")...UInt8(ascii: "9")).contains(schema.utf8.first!)

@@ -37,7 +37,7 @@ public struct PostgresTransaction {
     /// Runs one statement and returns its rows (use `RETURNING` to see what a write did).
     /// - Throws: ``PostgresStatementError`` when the server refused it (this attempt's effect is
     ///   then rolled back, and every further statement of the attempt throws the same error);
-    ///   ``ExactlyOnce/ExactlyOnceError`` (`storeUnavailable`, `timeout`) when the connection
+    ///   `ExactlyOnceError` (`storeUnavailable`, `timeout`) when the connection
     ///   broke or the statement passed its deadline.
     @discardableResult
     public func query(_ query: PostgresQuery) async throws -> [PostgresRow] {

@@ -15,7 +15,7 @@ import ServiceLifecycle
 /// (``PostgresStoreConfiguration/schema``, default `exactly_once`) that the store creates on
 /// first use and stamps with its version in `<schema>.meta`. A schema of a version the store
 /// does not know, or a schema that holds tables but no version, is refused with
-/// ``ExactlyOnce/ExactlyOnceError/Code/storeFailure`` and never altered. Claims, completions
+/// `ExactlyOnceError/Code/storeFailure` and never altered. Claims, completions
 /// and releases are PL/pgSQL functions of that schema: a batch of claims is one statement and
 /// one round trip, atomic on the server.
 ///
@@ -31,10 +31,10 @@ import ServiceLifecycle
 ///
 /// ## Failures
 /// A server that cannot be reached, a statement that passes its deadline or a connection that
-/// breaks make the operation throw a retriable error (``ExactlyOnce/ExactlyOnceError/Code/storeUnavailable``
-/// or ``ExactlyOnce/ExactlyOnceError/Code/timeout``): the outcome is unknown, and the consumer
+/// breaks make the operation throw a retriable error (`ExactlyOnceError/Code/storeUnavailable`
+/// or `ExactlyOnceError/Code/timeout`): the outcome is unknown, and the consumer
 /// claims again before acting. A wrong password or a missing database is the non-retriable
-/// ``ExactlyOnce/ExactlyOnceError/Code/storeFailure``, whose message never holds the password.
+/// `ExactlyOnceError/Code/storeFailure`, whose message never holds the password.
 ///
 /// ## Use
 /// ```swift
@@ -64,11 +64,11 @@ public final class PostgresDedupeStore: DedupeStore, Service {
     }
 
     /// Connects, and creates the schema when it is absent or checks its version when present.
-    /// - Throws: ``ExactlyOnce/ExactlyOnceError/Code/invalidConfiguration`` for bad settings,
-    ///   ``ExactlyOnce/ExactlyOnceError/Code/storeFailure`` for a refused login, a missing
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for bad settings,
+    ///   `ExactlyOnceError/Code/storeFailure` for a refused login, a missing
     ///   database, missing privileges or a schema of another version, and the retriable
-    ///   ``ExactlyOnce/ExactlyOnceError/Code/storeUnavailable`` or
-    ///   ``ExactlyOnce/ExactlyOnceError/Code/timeout`` when the server cannot be reached in time.
+    ///   `ExactlyOnceError/Code/storeUnavailable` or
+    ///   `ExactlyOnceError/Code/timeout` when the server cannot be reached in time.
     public static func connect(_ configuration: PostgresStoreConfiguration, clock: any WallClock = SystemWallClock(),
                                logger: Logger = Logger(label: "exactly-once.postgres", factory: { _ in SwiftLogNoOpLogHandler() })) async throws -> PostgresDedupeStore {
         try configuration.validate()

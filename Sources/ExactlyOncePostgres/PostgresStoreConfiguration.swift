@@ -47,7 +47,7 @@ public struct PostgresStoreConfiguration: Sendable, CustomStringConvertible, Cus
     public var connectTimeout: Duration = .seconds(5)
     /// Limit on one statement, from sending it to its last row. A statement that times out has
     /// an unknown outcome: its connection is closed (which also ends the transaction it was in)
-    /// and the operation throws ``ExactlyOnce/ExactlyOnceError/Code/timeout``. Default: 10 seconds.
+    /// and the operation throws `ExactlyOnceError/Code/timeout`. Default: 10 seconds.
     public var statementTimeout: Duration = .seconds(10)
     /// Longest wait for a free connection when all ``poolSize`` are in use. Default: 10 seconds.
     public var acquireTimeout: Duration = .seconds(10)
@@ -70,7 +70,7 @@ public struct PostgresStoreConfiguration: Sendable, CustomStringConvertible, Cus
     /// socket file itself is taken as it is. `sslmode=disable` (or none) only: this store speaks
     /// plain TCP or unix sockets.
     ///
-    /// - Throws: ``ExactlyOnce/ExactlyOnceError/Code/invalidConfiguration`` for any other form.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for any other form.
     ///   The message never repeats the URL, which may hold a password.
     public init(url: String) throws {
         func bad(_ m: String) -> ExactlyOnceError { ExactlyOnceError(.invalidConfiguration, "PostgreSQL URL: \(m)") }
@@ -134,7 +134,7 @@ public struct PostgresStoreConfiguration: Sendable, CustomStringConvertible, Cus
     public var customMirror: Mirror { Mirror(self, children: ["description": description]) }
 
     /// Checks every value.
-    /// - Throws: ``ExactlyOnce/ExactlyOnceError/Code/invalidConfiguration``.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration`.
     public func validate() throws {
         func bad(_ m: String) -> ExactlyOnceError { ExactlyOnceError(.invalidConfiguration, m) }
         guard Self.isIdentifier(schema) else {

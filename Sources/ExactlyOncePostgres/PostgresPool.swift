@@ -69,7 +69,9 @@ final class PostgresPool: Sendable {
         case .unix(let path):
             c = .init(unixSocketPath: path, username: configuration.username, password: configuration.password, database: configuration.database)
         }
-        c.options.connectTimeout = .nanoseconds(Int64(configuration.connectTimeout.wholeMilliseconds) * 1_000_000)
+        // postgres-nio's own limit is a backstop at twice ours, so ours (which counts startup and
+        // authentication too, and says `timeout`) is the one that fires.
+        c.options.connectTimeout = .nanoseconds(Int64(configuration.connectTimeout.wholeMilliseconds) * 2_000_000)
         return c
     }
 

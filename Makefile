@@ -18,10 +18,12 @@ build: deps-demo
 # that wait on real time (sessions, timeouts, child processes) do not compete with them for the
 # two cores.
 SIMULATIONS = SimulationPropertyTests|KeyOrderingPropertyTests|FileStoreSimulationTests
+# Package traits the tests build with (each enables an optional backend and its tests).
+TEST_TRAITS = --traits Postgres
 test: deps-test check-demo-deps
-	$(SWIFT) build --build-tests $(SWIFT_FLAGS)
-	$(SWIFT) test --skip-build --skip '$(SIMULATIONS)'
-	$(SWIFT) test --skip-build --filter '$(SIMULATIONS)'
+	$(SWIFT) build --build-tests $(TEST_TRAITS) $(SWIFT_FLAGS)
+	$(SWIFT) test --skip-build $(TEST_TRAITS) --skip '$(SIMULATIONS)'
+	$(SWIFT) test --skip-build $(TEST_TRAITS) --filter '$(SIMULATIONS)'
 	$(MAKE) docs
 
 # DocC for every library product, with the docc that ships with the toolchain.

@@ -13,6 +13,12 @@ let package = Package(
         .library(name: "ExactlyOnceKafka", targets: ["ExactlyOnceKafka"]),
         .executable(name: "coupon-demo", targets: ["CouponDemo"]),
         .executable(name: "exactly-once-admin", targets: ["ExactlyOnceAdmin"]),
+        .library(name: "ExactlyOncePostgres", targets: ["ExactlyOncePostgres"]),
+    ],
+    traits: [
+        // The PostgreSQL dedupe store (postgres-nio, SwiftNIO). Off by default, so depending on
+        // ExactlyOnce alone builds neither: `swift build --traits Postgres`.
+        .trait(name: "Postgres"),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
@@ -22,6 +28,7 @@ let package = Package(
         .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/swiftlang/swift-docc-plugin.git", from: "1.5.0"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
     ],
     targets: [
         .target(
@@ -39,7 +46,11 @@ let package = Package(
         ),
         .target(
             name: "CouponKit",
-            dependencies: ["ExactlyOnce", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "ExactlyOnce", .product(name: "Logging", package: "swift-log"),
+                .target(name: "ExactlyOncePostgres", condition: .when(traits: ["Postgres"])),
+                .product(name: "PostgresNIO", package: "postgres-nio", condition: .when(traits: ["Postgres"])),
+            ],
             path: "Examples/CouponKit"
         ),
         .executableTarget(
@@ -48,6 +59,7 @@ let package = Package(
                 "CouponKit", "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceTestKit", "ExactlyOnceKafka",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .target(name: "ExactlyOncePostgres", condition: .when(traits: ["Postgres"])),
             ],
             path: "Examples/CouponDemo"
         ),
@@ -74,6 +86,23 @@ let package = Package(
                 "ExactlyOnce",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .target(
+            name: "ExactlyOncePostgres",
+            dependencies: [
+                "ExactlyOnce",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "PostgresNIO", package: "postgres-nio", condition: .when(traits: ["Postgres"])),
+            ]
+        ),
+        .testTarget(
+            name: "ExactlyOncePostgresTests",
+            dependencies: [
+                "ExactlyOncePostgres", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "TestSupport",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "PostgresNIO", package: "postgres-nio", condition: .when(traits: ["Postgres"])),
             ]
         ),
         .executableTarget(

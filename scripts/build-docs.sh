@@ -14,4 +14,16 @@ for target in ExactlyOnce ExactlyOnceTestKit ExactlyOnceFileStore ExactlyOnceRed
     exit 1
   }
 done
+# Products behind a package trait build their documentation with the trait on.
+for entry in "ExactlyOncePostgres:Postgres"; do
+  target="${entry%%:*}"
+  trait="${entry#*:}"
+  echo "documentation: $target (trait $trait)"
+  swift package --traits "$trait" --allow-writing-to-directory "$out" generate-documentation \
+    --target "$target" --warnings-as-errors --output-path "$out/$target" >"$out/$target.log" 2>&1 || {
+    cat "$out/$target.log" >&2
+    echo "documentation of $target failed (log above)" >&2
+    exit 1
+  }
+done
 echo "documentation built in $out"

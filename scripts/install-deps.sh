@@ -24,9 +24,11 @@ test_deps=(
   "bin:redis-server|redis-server|redis"
   "bin:redis-cli|redis-tools|redis"
   "bin:kcat|kcat|kcat"
+  "dir:/usr/lib/postgresql/*/bin/initdb|postgresql|postgresql"
 )
 bench_deps=(
   "bin:redis-benchmark|redis-tools|redis"
+  "dir:/usr/lib/postgresql/*/bin/pgbench|postgresql|postgresql"
 )
 
 case "$profile" in

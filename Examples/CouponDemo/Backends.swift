@@ -93,6 +93,9 @@ func makeStore(_ o: SaleOptions) async throws -> any DedupeStore<EffectTransacti
         return try await FileDedupeStore.open(FileStoreConfiguration(directory: parent + "/sale-" + o.saleID))
     case .redis:
         return try RedisDedupeStore(url: o.redisURL ?? defaultRedisURL, keyPrefix: "coupon-demo:\(o.saleID):store:")
+    case .postgres:
+        // The PostgreSQL store has its own transaction type; SaleRunner runs it (runPostgres).
+        throw DemoError.usage("--store postgres is run by SaleRunner.runPostgres")
     case .memory:
         // Sized from the flags: every request may be a distinct key.
         var c = InMemoryDedupeStore.Configuration()

@@ -4,6 +4,9 @@ import ExactlyOnceFileStore
 import ExactlyOnceRedis
 import ExactlyOnceTestKit
 import Foundation
+#if Postgres
+import ExactlyOncePostgres
+#endif
 import Logging
 import Synchronization
 
@@ -55,6 +58,9 @@ struct SaleRunner {
     let options: SaleOptions
 
     func run() async throws -> Int32 {
+        #if Postgres
+        if options.store == .postgres { return try await runPostgres() }
+        #endif
         let store = try await makeStore(options)
         do {
             let status = try await run(store: store)
@@ -87,6 +93,40 @@ struct SaleRunner {
             return try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
         }
     }
+
+    #if Postgres
+    /// The sale on PostgreSQL: the dedupe records in schema `eo_sale_<sale>`, the coupons in
+    /// the plain tables `coupons_<sale>.coupon_stock` and `coupons_<sale>.issued_coupons`, which
+    /// the handler writes in the store's SQL transaction and the audit reads back.
+    private func runPostgres() async throws -> Int32 {
+        let o = options
+        var config = try PostgresStoreConfiguration(url: o.postgresURL ?? "")
+        config.schema = "eo_sale_\(o.saleID)"
+        config.poolSize = max(4, o.memberCount * max(1, o.partitions) + 2)
+        let store = try await retrying(attempts: 20) { try await PostgresDedupeStore.connect(config) }
+        do {
+            let stock = Dictionary(uniqueKeysWithValues: (1...Int64(o.coupons)).map { ($0, o.stock) })
+            let tables = try PostgresCouponTables(schema: "coupons_\(o.saleID)")
+            try await retrying(attempts: 20) { try await tables.create(on: store, stock: stock) }
+            if !o.json { print("coupon-demo: issued coupons go to the table \(tables.schema).issued_coupons (psql: SELECT * FROM \(tables.schema).issued_coupons ORDER BY coupon_id, serial;)") }
+            let readLedger: @Sendable () async throws -> [LedgerEntry] = { try await tables.ledger(from: store) }
+            let status: Int32
+            switch o.transport {
+            case .redisStreams:
+                let sale = try await RedisSale(url: o.redisURL ?? defaultRedisURL, keyPrefix: "coupon-demo:\(o.saleID):streams:",
+                                               sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
+                status = try await run(sale: sale, store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
+            case .memory:
+                status = try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
+            }
+            await store.shutdown()
+            return status
+        } catch {
+            await store.shutdown()
+            throw error
+        }
+    }
+    #endif
 
     /// The sale on one transport and store: publish, consume with crashes, audit.
     func run<Sale: SaleTransport, Store: DedupeStore>(

@@ -2,10 +2,13 @@ import ArgumentParser
 import ExactlyOnce
 import ExactlyOnceRedis
 import Foundation
+#if Postgres
+import ExactlyOncePostgres
+#endif
 
 /// The dedupe store a sale runs on.
 enum StoreKind: String, ExpressibleByArgument, CaseIterable, Sendable {
-    case memory, file, redis
+    case memory, file, redis, postgres
 }
 
 /// The transport a sale runs on.
@@ -60,6 +63,9 @@ struct SaleOptions: ParsableArguments, Sendable {
     @Option(help: "Transport.")
     var transport: TransportKind = .memory
 
+    @Option(name: .customLong("postgres-url"), help: "postgres://USER[:PASSWORD]@HOST:PORT/DB or postgres:///DB?host=/socket/dir (with --store postgres; needs a build with the Postgres trait).")
+    var postgresURL: String?
+
     @Option(name: .customLong("redis-url"), help: "redis://[user:password@]host:port[/db] or unix:///path (default: redis://127.0.0.1:6379).")
     var redisURL: String?
 
@@ -112,6 +118,20 @@ struct SaleOptions: ParsableArguments, Sendable {
         if crashRate > 0.1 {
             throw bad("--crash-rate \(crashRate) is too high for a sale to finish: each poll passes several failure points per record, so above 0.1 nearly every poll crashes before it commits; use 0...0.1")
         }
+        if store == .postgres {
+            #if Postgres
+            guard let postgresURL else { throw bad("--store postgres needs --postgres-url postgres://USER@HOST:PORT/DB (or postgres:///DB?host=/socket/dir)") }
+            do {
+                _ = try PostgresStoreConfiguration(url: postgresURL)
+            } catch let e as ExactlyOnceError {
+                throw bad("--postgres-url: \(e.message)")
+            }
+            if role != .all { throw bad("--store postgres runs the whole sale in one process (--role all) in this version") }
+            #else
+            throw bad("--store postgres needs the PostgreSQL store, which this build leaves out; build and run with the Postgres trait: swift run --traits Postgres coupon-demo --store postgres --postgres-url postgres://USER@HOST:PORT/DB")
+            #endif
+        }
+        if postgresURL != nil && store != .postgres { throw bad("--postgres-url is used with --store postgres") }
         if store == .file && dataDir == nil { throw bad("--store file needs --data-dir DIRECTORY (created when missing)") }
         if let dataDir {
             guard store == .file else { throw bad("--data-dir is used with --store file") }

@@ -20,9 +20,9 @@ public enum StoreConformance {
         "prefetch-charges-first-grant", "batch-completion-prefix", "reopen-dead-lettered", "list-records",
     ]
 
-    /// The checks of a store's `CompletionBatch` for key-value stores (run by
-    /// `run(makeStore:)` when the store's transaction is `EffectTransaction`).
-    public static let batchChecks = ["batch-perform-commit", "batch-discard", "batch-overlay"]
+    /// The checks of a store's `CompletionBatch` (run by `run(makeStore:)` when the store's
+    /// transaction is `EffectTransaction`, and by `run(makeStore:batchEffects:)` for others).
+    public static let batchChecks = ["batch-perform-commit", "batch-discard", "batch-overlay", "batch-prefix"]
 
     /// Runs every check against fresh stores from `makeStore`.
     public static func run<S: DedupeStore>(makeStore: (ManualClock) async throws -> S) async throws {
@@ -35,17 +35,24 @@ public enum StoreConformance {
 
     /// Runs every check, and the ``batchChecks`` of the store's key-value completion batch.
     public static func run<S: DedupeStore>(makeStore: (ManualClock) async throws -> S) async throws where S.Transaction == EffectTransaction {
+        try await run(makeStore: makeStore, batchEffects: .keyValue)
+    }
+
+    /// Runs every check, and the ``batchChecks`` of the store's own completion batch, writing
+    /// and reading effects through `batchEffects` (for stores whose transaction is not an
+    /// `EffectTransaction`, a SQL transaction say).
+    public static func run<S: DedupeStore>(makeStore: (ManualClock) async throws -> S, batchEffects: BatchEffects<S>) async throws {
         for check in checks {
             let clock = ManualClock()
             try await run(check, store: try await makeStore(clock), clock: clock)
         }
         for check in batchChecks {
             let clock = ManualClock()
-            try await runBatch(check, store: try await makeStore(clock), clock: clock)
+            try await runBatch(check, store: try await makeStore(clock), clock: clock, effects: batchEffects)
         }
     }
 
-    static func runBatch<S: DedupeStore>(_ check: String, store: S, clock: ManualClock) async throws where S.Transaction == EffectTransaction {
+    static func runBatch<S: DedupeStore>(_ check: String, store: S, clock: ManualClock, effects fx: BatchEffects<S>) async throws {
         let options = CompletionBatchOptions(limit: 8, unknownOutcomeRetries: 0, backoff: .none)
         switch check {
         case "batch-perform-commit":
@@ -53,19 +60,19 @@ public enum StoreConformance {
             let a = try await claimNew(store, key("a"), check: check)
             let b = try await claimNew(store, key("b"), check: check)
             let o = try await batch.perform(a) { tx in
-                tx.setInt("n", 1)
+                try await fx.set(&tx, "n", 1)
                 return .applied("one")
             }
             try require(o == .applied("one"), check, "perform returns the handler's outcome")
             try await batch.stage(b, outcome: Outcome(status: .deadLettered))
             try require(batch.count == 2, check, "two completions staged, got \(batch.count)")
-            let before = try await store.readState("n")
-            try require(before.value == nil, check, "nothing is written before commit")
+            let before = try await fx.read(store, "n")
+            try require(before == nil, check, "nothing is written before commit")
             let r = try await batch.commit()
             try require(r.applied == 2 && r.failure == nil, check, "commit applies both, got \(r.applied) \(String(describing: r.failure))")
             try require(batch.count == 0, check, "a committed batch is empty")
-            let n = try await store.readState("n")
-            try require(n.value == Array("1".utf8), check, "the effect is written with the completion")
+            let n = try await fx.read(store, "n")
+            try require(n == 1, check, "the effect is written with the completion")
             let again = try await store.claim([ClaimRequest(key: key("a"), fingerprint: fp1, lease: lease), ClaimRequest(key: key("b"), fingerprint: fp1, lease: lease)])
             try require(again == [.completed(.applied("one")), .completed(Outcome(status: .deadLettered))], check, "both completed, got \(again)")
 
@@ -73,21 +80,30 @@ public enum StoreConformance {
             var batch = store.makeCompletionBatch(options)
             let a = try await claimNew(store, key("a"), check: check)
             _ = try await batch.perform(a) { tx in
-                tx.setInt("n", 1)
+                try await fx.set(&tx, "n", 1)
                 return .applied()
             }
             await batch.discard()
             let r = try await batch.commit()
             try require(r.applied == 0, check, "a discarded batch commits nothing")
-            try require(try await store.readState("n").value == nil, check, "a discarded effect is not written")
+            try require(try await fx.read(store, "n") == nil, check, "a discarded effect is not written")
             do {
                 _ = try await batch.perform(a) { tx in
-                    tx.setInt("n", 2)
+                    try await fx.set(&tx, "n", 2)
                     throw ConformanceBoom()
                 }
                 throw ConformanceFailure(check: check, detail: "perform must rethrow the handler's error")
             } catch is ConformanceBoom {}
             try require(batch.count == 0, check, "a failed handler stages nothing")
+            // A failed handler's effect is gone; a later one in the same batch still commits.
+            _ = try await batch.perform(a) { tx in
+                try await fx.set(&tx, "m", 3)
+                return .applied()
+            }
+            let r2 = try await batch.commit()
+            try require(r2.applied == 1, check, "the handler after a failed one commits, got \(r2.applied) \(String(describing: r2.failure))")
+            try require(try await fx.read(store, "n") == nil, check, "the failed handler's effect is not written")
+            try require(try await fx.read(store, "m") == 3, check, "the later handler's effect is written")
 
         case "batch-overlay":
             // A later handler in the batch sees the staged writes of earlier ones.
@@ -95,18 +111,46 @@ public enum StoreConformance {
             let a = try await claimNew(store, key("a"), check: check)
             let b = try await claimNew(store, key("b"), check: check)
             _ = try await batch.perform(a) { tx in
-                let n = try await tx.getInt("n") ?? 0
-                tx.setInt("n", n + 1)
+                let n = try await fx.get(&tx, "n") ?? 0
+                try await fx.set(&tx, "n", n + 1)
                 return .applied()
             }
             _ = try await batch.perform(b) { tx in
-                let n = try await tx.getInt("n") ?? 0
-                tx.setInt("n", n + 1)
+                let n = try await fx.get(&tx, "n") ?? 0
+                try await fx.set(&tx, "n", n + 1)
                 return .applied()
             }
             let r = try await batch.commit()
             try require(r.applied == 2, check, "both applied, got \(r.applied) \(String(describing: r.failure))")
-            try require(try await store.readState("n").value == Array("2".utf8), check, "the second handler saw the first one's write")
+            try require(try await fx.read(store, "n") == 2, check, "the second handler saw the first one's write")
+
+        case "batch-prefix":
+            // A batch whose second completion is refused commits the first, not the third.
+            var batch = store.makeCompletionBatch(options)
+            func claim(_ k: String, lease: Duration) async throws -> Claim {
+                let r = try await store.claim(ClaimRequest(key: key(k), fingerprint: fp1, lease: lease))
+                guard case .new(let c) = r else { throw ConformanceFailure(check: check, detail: "expected .new for \(k), got \(r)") }
+                return c
+            }
+            let first = try await claim("a", lease: .seconds(60))
+            let stale = try await claim("b", lease: .seconds(1))
+            let third = try await claim("c", lease: .seconds(60))
+            for (c, name) in [(first, "p1"), (stale, "p2"), (third, "p3")] {
+                _ = try await batch.perform(c) { tx in
+                    try await fx.set(&tx, name, 1)
+                    return .applied()
+                }
+            }
+            clock.advance(by: .seconds(2))
+            _ = try await claim("b", lease: .seconds(60))  // another claimant takes b over
+            let r = try await batch.commit()
+            try require(r.applied == 1, check, "a refused completion stops the batch: applied \(r.applied), expected 1")
+            try require(r.failure?.code == .fenced, check, "the stale completion is fenced, got \(String(describing: r.failure))")
+            try require(try await fx.read(store, "p1") == 1, check, "the prefix's effect is written")
+            let p2 = try await fx.read(store, "p2"), p3 = try await fx.read(store, "p3")
+            try require(p2 == nil && p3 == nil, check, "nothing from the refused one on is written")
+            let recs = try await store.records(for: [key("a"), key("c")])
+            try require(recs[key("a")]?.phase == .completed && recs[key("c")]?.phase == .inProgress, check, "a completed, c still in progress")
 
         default:
             throw ConformanceFailure(check: check, detail: "unknown check")
@@ -358,6 +402,38 @@ public enum StoreConformance {
         default:
             throw ConformanceFailure(check: check, detail: "unknown check")
         }
+    }
+}
+
+/// How the batch checks write and read an integer effect with a store's own transaction.
+public struct BatchEffects<Store: DedupeStore>: Sendable {
+    /// Writes `value` under `key` in the handler's transaction.
+    public var set: @Sendable (inout Store.Transaction, String, Int64) async throws -> Void
+    /// Reads `key` in the handler's transaction (seeing the batch's earlier writes), nil when absent.
+    public var get: @Sendable (inout Store.Transaction, String) async throws -> Int64?
+    /// Reads `key` from the store, outside any batch (what is committed), nil when absent.
+    public var read: @Sendable (Store, String) async throws -> Int64?
+    /// Creates the accessors.
+    public init(set: @escaping @Sendable (inout Store.Transaction, String, Int64) async throws -> Void,
+                get: @escaping @Sendable (inout Store.Transaction, String) async throws -> Int64?,
+                read: @escaping @Sendable (Store, String) async throws -> Int64?) {
+        self.set = set
+        self.get = get
+        self.read = read
+    }
+}
+
+extension BatchEffects where Store.Transaction == EffectTransaction {
+    /// The key-value accessors (`EffectTransaction.setInt`/`getInt`, `readState`).
+    public static var keyValue: BatchEffects {
+        BatchEffects(
+            set: { tx, k, v in tx.setInt(k, v) },
+            get: { tx, k in try await tx.getInt(k) },
+            read: { store, k in
+                let v = try await store.readState(k)
+                guard let bytes = v.value else { return nil }
+                return Int64(String(decoding: bytes, as: UTF8.self))
+            })
     }
 }
 

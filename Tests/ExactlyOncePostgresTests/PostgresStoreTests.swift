@@ -1,0 +1,159 @@
+#if Postgres
+import ExactlyOnce
+import ExactlyOncePostgres
+import ExactlyOnceTestKit
+import Foundation
+import PostgresNIO
+import Testing
+import TestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("PostgreSQL store")
+struct PostgresStoreTests {
+    @Test func aSchemaOfAnUnknownVersionIsRefusedAndLeftAsItIs() async throws {
+        let server = try await PostgresTestServer.shared()
+        let schema = uniqueSchema("ver")
+        let first = try await PostgresDedupeStore.testing(server, schema: schema)
+        await first.shutdown()
+        _ = try await server.psql("UPDATE \(schema).meta SET value = '99' WHERE name = 'schema_version'")
+        do {
+            let s = try await PostgresDedupeStore.testing(server, schema: schema)
+            await s.shutdown()
+            Issue.record("a schema of version 99 was accepted")
+        } catch let e as ExactlyOnceError {
+            #expect(e.code == .storeFailure)
+            #expect(e.message.contains("version 99") && e.message.contains("knows version \(PostgresDedupeStore.schemaVersion)"), "\(e)")
+        }
+        #expect(try await server.psql("SELECT value FROM \(schema).meta WHERE name = 'schema_version'") == "99", "the schema was altered")
+
+        // A schema that holds tables of someone else's, with no version, is not touched either.
+        let foreign = uniqueSchema("foreign")
+        _ = try await server.psql("CREATE SCHEMA \(foreign); CREATE TABLE \(foreign).orders (id int)")
+        await #expect(throws: ExactlyOnceError.self) { _ = try await PostgresDedupeStore.testing(server, schema: foreign) }
+        #expect(try await server.psql("SELECT count(*) FROM pg_tables WHERE schemaname = '\(foreign)'") == "1")
+    }
+
+    @Test func aWrongPasswordIsAClearErrorThatDoesNotEchoIt() async throws {
+        let server = try await PostgresTestServer.shared()
+        let wrong = "Wr0ng-\(UInt32.random(in: 1000...9999))-Passw0rd"
+        var c = try PostgresStoreConfiguration(url: "postgres://postgres:\(wrong)@127.0.0.1:\(server.port)/\(server.database)")
+        c.schema = uniqueSchema()
+        #expect(!c.description.contains(wrong) && !String(reflecting: c).contains(wrong))
+        do {
+            let s = try await PostgresDedupeStore.connect(c)
+            await s.shutdown()
+            Issue.record("a wrong password was accepted")
+        } catch {
+            let text = "\(error) \(String(reflecting: error))"
+            #expect(!text.contains(wrong), "the error echoes the password: \(text)")
+            let e = try #require(error as? ExactlyOnceError)
+            #expect(e.code == .storeFailure && !e.isRetriable, "\(e)")
+            #expect(e.message.contains("refused the login of role postgres"), "\(e)")
+        }
+        // The right password (TCP, scram-sha-256) works.
+        var good = try PostgresStoreConfiguration(url: server.tcpURL)
+        good.schema = uniqueSchema()
+        let s = try await PostgresDedupeStore.connect(good)
+        _ = try await s.claim(ClaimRequest(key: try IdempotencyKey(rawValue: "k"), fingerprint: .of([1]), lease: .seconds(5)))
+        await s.shutdown()
+    }
+
+    @Test func aSilentServerIsATimeoutInBoundedTime() async throws {
+        // A listener that accepts connections and never answers.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && listen(fd, 16) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        try #require(ok)
+        let port = Int(UInt16(bigEndian: addr.sin_port))
+        var c = try PostgresStoreConfiguration(url: "postgres://postgres@127.0.0.1:\(port)/x")
+        c.connectTimeout = .milliseconds(500)
+        let start = ContinuousClock.now
+        do {
+            let s = try await PostgresDedupeStore.connect(c)
+            await s.shutdown()
+            Issue.record("a silent server was accepted")
+        } catch let e as ExactlyOnceError {
+            #expect(e.code == .timeout && e.isRetriable, "\(e)")
+        }
+        #expect(ContinuousClock.now - start < .seconds(10), "the connect deadline did not hold")
+    }
+
+    @Test func aStatementPastItsDeadlineIsATimeoutAndTheStoreGoesOn() async throws {
+        let server = try await PostgresTestServer.shared()
+        let store = try await PostgresDedupeStore.testing(server) { $0.statementTimeout = .milliseconds(300) }
+        do {
+            try await store.query("SELECT pg_sleep(5)")
+            Issue.record("pg_sleep(5) finished within a 300 ms deadline")
+        } catch let e as ExactlyOnceError {
+            #expect(e.code == .timeout, "\(e)")
+        }
+        // The broken connection was dropped; the next operation gets a fresh one.
+        let r = try await store.claim(ClaimRequest(key: try IdempotencyKey(rawValue: "after"), fingerprint: .of([1]), lease: .seconds(5)))
+        guard case .new = r else { Issue.record("claim after a timeout gave \(r)"); return }
+        await store.shutdown()
+    }
+
+    @Test func retentionCleanupDeletesExpiredRecordsOnly() async throws {
+        let server = try await PostgresTestServer.shared()
+        let clock = ManualClock()
+        let store = try await PostgresDedupeStore.testing(server, clock: clock) { $0.retention = .seconds(60) }
+        let old = try IdempotencyKey(rawValue: "old"), young = try IdempotencyKey(rawValue: "young")
+        guard case .new(let a) = try await store.claim(ClaimRequest(key: old, fingerprint: .of([1]), lease: .seconds(5))) else { Issue.record("no claim"); return }
+        try await store.complete(Completion(claim: a, outcome: .applied()))
+        clock.advance(by: .seconds(50))
+        guard case .new(let b) = try await store.claim(ClaimRequest(key: young, fingerprint: .of([1]), lease: .seconds(5))) else { Issue.record("no claim"); return }
+        try await store.complete(Completion(claim: b, outcome: .applied()))
+        clock.advance(by: .seconds(20))
+        #expect(try await store.purgeExpired() == 1)
+        let left = try await store.records(for: [old, young])
+        #expect(left[old] == nil && left[young]?.phase == .completed)
+        await store.shutdown()
+    }
+
+    @Test func aFailedStatementRollsBackItsHandlerOnlyAndTheBatchCommitsTheRest() async throws {
+        let server = try await PostgresTestServer.shared()
+        let store = try await PostgresDedupeStore.testing(server)
+        let t = store.configuration.schema + ".members"
+        try await store.query(PostgresQuery(unsafeSQL: "CREATE TABLE \(t) (member bigint PRIMARY KEY, note text)"))
+        try await store.query(PostgresQuery(unsafeSQL: "INSERT INTO \(t) VALUES (2, 'there before')"))
+        var claims: [Claim] = []
+        for i in 1...3 {
+            guard case .new(let c) = try await store.claim(ClaimRequest(key: try IdempotencyKey(rawValue: "m\(i)"), fingerprint: .of([1]), lease: .seconds(30))) else {
+                Issue.record("no claim"); return
+            }
+            claims.append(c)
+        }
+        var batch = store.makeCompletionBatch(CompletionBatchOptions(limit: 8))
+        for (i, c) in claims.enumerated() {
+            let member = Int64(i + 1)
+            do {
+                _ = try await batch.perform(c) { tx in
+                    try await tx.query("INSERT INTO \(unescaped: t) VALUES (\(member * 10), 'side effect')")
+                    try await tx.query("INSERT INTO \(unescaped: t) VALUES (\(member), 'issued')")
+                    return .applied()
+                }
+                #expect(member != 2, "the duplicate member's insert succeeded")
+            } catch let e as PostgresStatementError {
+                #expect(member == 2)
+                #expect(e.isUniqueViolation && e.constraint == "members_pkey", "\(e)")
+                #expect(e.description.contains("23505") && e.description.contains("unique_violation"), "\(e)")
+            }
+        }
+        #expect(batch.count == 2)
+        let r = try await batch.commit()
+        #expect(r.applied == 2 && r.failure == nil, "\(r)")
+        let rows = try await store.query(PostgresQuery(unsafeSQL: "SELECT member FROM \(t) ORDER BY member")).map { try $0.decode(Int64.self) }
+        #expect(rows == [1, 2, 3, 10, 30], "the failed handler's first statement must be rolled back with it, the others kept: \(rows)")
+        await store.shutdown()
+    }
+}
+#endif

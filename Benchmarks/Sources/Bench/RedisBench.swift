@@ -152,16 +152,19 @@ final class BenchRedisServer {
 /// redis-server with `appendonly yes` and `appendfsync always`. Rates count clicks from the
 /// first publish until every partition is committed to its end.
 func runRedisEndToEndBenchmarks(clicks: Int = Int(ProcessInfo.processInfo.environment["BENCH_E2E_CLICKS"] ?? "") ?? 200_000) async throws -> [String: Double] {
-    var rng = SeededRandom(seed: 10)
-    var requests: [CouponRequest] = []
-    requests.reserveCapacity(clicks)
-    for i in 0..<clicks {
-        if i > 100, Int.random(in: 0..<10, using: &rng) < 3 {
-            requests.append(requests[Int.random(in: 0..<requests.count, using: &rng)])
-        } else {
-            requests.append(CouponRequest(requestId: Int64(i), couponId: Int64.random(in: 1...30, using: &rng), memberId: Int64.random(in: 1...50_000, using: &rng)))
+    let requests: [CouponRequest] = {
+        var rng = SplitMix(state: 10)
+        var out: [CouponRequest] = []
+        out.reserveCapacity(clicks)
+        for i in 0..<clicks {
+            if i > 100, Int.random(in: 0..<10, using: &rng) < 3 {
+                out.append(out[Int.random(in: 0..<out.count, using: &rng)])
+            } else {
+                out.append(CouponRequest(requestId: Int64(i), couponId: Int64.random(in: 1...30, using: &rng), memberId: Int64.random(in: 1...50_000, using: &rng)))
+            }
         }
-    }
+        return out
+    }()
     let stock = Dictionary(uniqueKeysWithValues: (1...30).map { (Int64($0), Int64(1_000)) })
 
     func sale<T: MessageTransport, S: DedupeStore>(_ transport: T, _ store: S, finished: @escaping @Sendable () async throws -> Bool) async throws -> Double
@@ -218,12 +221,24 @@ func runRedisEndToEndBenchmarks(clicks: Int = Int(ProcessInfo.processInfo.enviro
     var sc = RedisDedupeStore.Configuration(redis: server.configuration)
     sc.keyPrefix = "bench-e2e:"
     let redisRate = try await sale(redisTransport, try RedisDedupeStore(configuration: sc)) {
-        try await redisTransport.endOffsets(topic: "coupons").values.reduce(0) { $0 + Int($1.rawValue) } == clicks
-            && redisTransport.isFullyCommitted(group: "issuers", topic: "coupons")
+        guard try await redisTransport.endOffsets(topic: "coupons").values.reduce(0, { $0 + Int($1.rawValue) }) == clicks else { return false }
+        return try await redisTransport.isFullyCommitted(group: "issuers", topic: "coupons")
     }
     return [
         "memoryEndToEndRecordsPerSecond": memoryRate,
         "redisEndToEndRecordsPerSecond": redisRate,
         "redisEndToEndVsMemory": redisRate / memoryRate,
     ]
+}
+
+/// A seeded generator (SplitMix64), so both sales get the same clicks.
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
 }

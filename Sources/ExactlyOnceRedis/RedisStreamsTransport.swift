@@ -517,7 +517,7 @@ public final class RedisStreamsSubscription: TransportSubscription {
         if state.withLock({ $0.closed }) { throw ExactlyOnceError(.shutDown, "subscription of \(memberID) is closed") }
     }
 
-    /// Takes the current assignment (heartbeating when ``Configuration/heartbeatInterval``
+    /// Takes the current assignment (heartbeating when ``RedisStreamsTransport/Configuration/heartbeatInterval``
     /// passed) and reads up to `maxRecords` records, waiting up to `maxWait` for them on the
     /// server (`XREADGROUP ... BLOCK`) when every owned partition is caught up.
     public func poll(maxRecords: Int, maxWait: Duration) async throws -> PollResult {

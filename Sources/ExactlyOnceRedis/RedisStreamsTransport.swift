@@ -98,6 +98,7 @@ public final class RedisStreamsTransport: MessageTransport {
             guard existing == partitions else {
                 throw ExactlyOnceError(.invalidConfiguration, "topic \(topic) exists with \(existing) partitions, not \(partitions)")
             }
+            partitionCounts.withLock { $0[topic] = (existing, ContinuousClock.now) }
         }
     }
 

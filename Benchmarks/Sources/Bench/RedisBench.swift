@@ -86,7 +86,7 @@ final class BenchRedisServer {
         socket = directory.appendingPathComponent("redis.sock").path
         process = Process()
         process.executableURL = try Self.tool("redis-server")
-        process.arguments = ["--port", "0", "--unixsocket", socket, "--unixsocketperm", "700", "--save", ""] + (persistent ? ["--appendonly", "yes", "--appendfsync", "always"] : ["--appendonly", "no"]) + [
+        process.arguments = ["--port", "0", "--unixsocket", socket, "--unixsocketperm", "700", "--save", ""] + (persistent ? ["--appendonly", "yes", "--appendfsync", ProcessInfo.processInfo.environment["BENCH_REDIS_APPENDFSYNC"] ?? "always"] : ["--appendonly", "no"]) + [
                              "--dir", directory.path, "--logfile", directory.appendingPathComponent("redis.log").path]
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
@@ -149,7 +149,8 @@ final class BenchRedisServer {
 /// `redisEndToEndVsMemory`: the same flash sale (a publisher and a consumer group of 3 in this
 /// process, 3 partitions, `clicks` clicks with 30% repeats, no crashes) once on the in-memory
 /// transport and store and once on Redis Streams and the Redis store, on a throwaway
-/// redis-server with `appendonly yes` and `appendfsync always`. Rates count clicks from the
+/// redis-server with `appendonly yes` and `appendfsync always` (`BENCH_REDIS_APPENDFSYNC=everysec`
+/// for a diagnostic run, not the figure). Rates count clicks from the
 /// first publish until every partition is committed to its end.
 func runRedisEndToEndBenchmarks(clicks: Int = Int(ProcessInfo.processInfo.environment["BENCH_E2E_CLICKS"] ?? "") ?? 200_000) async throws -> [String: Double] {
     let requests: [CouponRequest] = {

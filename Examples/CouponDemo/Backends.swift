@@ -53,7 +53,8 @@ struct RedisSale: SaleTransport {
         let transport = try RedisStreamsTransport(configuration: config)
         self.transport = transport
         // A Redis that is not there at the start is a setup error: say so after a few tries.
-        try await retrying(attempts: 20) { try await transport.createTopic(saleTopic, partitions: partitions) }
+        // Bounded in time too: a server that accepts and never answers costs one command timeout.
+        try await retrying(attempts: 20, within: .seconds(5)) { try await transport.createTopic(saleTopic, partitions: partitions) }
         try await retrying { try await transport.createTopic(saleTopic + ".dlq", partitions: 1) }
     }
     func endOffsets() async throws -> [PartitionID: Offset] { try await transport.endOffsets(topic: saleTopic) }
@@ -64,12 +65,14 @@ struct RedisSale: SaleTransport {
 }
 
 /// Retries `body` while a backend is unreachable, for up to about a minute (`attempts` × 100 ms).
-func retrying<T>(attempts: Int = 600, _ body: () async throws -> T) async throws -> T {
+/// With `within`, no new attempt starts once that much time has passed since the first.
+func retrying<T>(attempts: Int = 600, within: Duration? = nil, _ body: () async throws -> T) async throws -> T {
     var failures = 0
+    let start = ContinuousClock.now
     while true {
         do {
             return try await body()
-        } catch let e as ExactlyOnceError where e.isRetriable && failures + 1 < attempts {
+        } catch let e as ExactlyOnceError where e.isRetriable && failures + 1 < attempts && within.map({ ContinuousClock.now - start < $0 }) ?? true {
             failures += 1
             try await Task.sleep(for: .milliseconds(100))
         }

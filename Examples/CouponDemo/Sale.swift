@@ -76,7 +76,8 @@ struct SaleRunner {
         let o = options
         if o.store == .redis {
             // A Redis that is not there at the start is a setup error: say so after a few tries.
-            _ = try await retrying(attempts: 20) { try await store.readState("coupon-demo:probe") }
+            // Bounded in time too: a server that accepts and never answers costs one command timeout.
+            _ = try await retrying(attempts: 20, within: .seconds(5)) { try await store.readState("coupon-demo:probe") }
         }
         let stock = Dictionary(uniqueKeysWithValues: (1...Int64(o.coupons)).map { ($0, o.stock) })
         let issuer = CouponIssuer(stock: stock)

@@ -40,10 +40,12 @@ final class RedisClient: Sendable {
         _ = signal(SIGPIPE, SIG_IGN)
     }()
 
-    /// Sends `commands` on one connection in one round trip and returns one reply per command.
-    func pipeline(_ commands: [[[UInt8]]]) async throws -> [RedisReply] {
+    /// Sends `commands` on one connection in one round trip and returns one reply per command,
+    /// within ``RedisConfiguration/commandTimeout`` plus `extraWait` (for commands that block on
+    /// the server, such as `XREADGROUP ... BLOCK`).
+    func pipeline(_ commands: [[[UInt8]]], extraWait: Duration = .zero) async throws -> [RedisReply] {
         if commands.isEmpty { return [] }
-        let replies = try await pickSlot().run { connection in try connection.pipeline(commands) }
+        let replies = try await pickSlot().run { connection in try connection.pipeline(commands, extraWait: extraWait) }
         guard replies.count == commands.count else {
             throw ExactlyOnceError(.storeUnavailable, "Redis answered \(replies.count) replies to \(commands.count) commands")
         }

@@ -34,10 +34,22 @@ public struct RedisConfiguration: Sendable, CustomStringConvertible, CustomDebug
     public var database: Int = 0
     /// Limit on establishing a TCP or unix connection. Default: 2 seconds.
     public var connectTimeout: Duration = .seconds(2)
-    /// Limit on sending a command and reading its reply. A command that times out has an
-    /// unknown outcome: the operation throws `storeUnavailable` and the connection is dropped.
-    /// Default: 5 seconds.
+    /// Limit on one round trip: from the moment a command (or a pipeline of commands) is sent
+    /// until its last reply has been read, however the bytes arrive. A server that never
+    /// answers, or trickles its answer, is cut off when it passes. A command that times out has
+    /// an unknown outcome: the operation throws `storeUnavailable` (`transportUnavailable` on
+    /// the transport) and the connection is dropped. Blocking reads of the transport get their
+    /// block time on top. Default: 5 seconds.
     public var commandTimeout: Duration = .seconds(5)
+    /// The largest reply accepted: its bytes plus 32 per element (so that many tiny elements
+    /// count for the memory they take). A bulk string or array header announcing more is
+    /// refused as soon as it arrives, before its body is read; the connection is dropped and the
+    /// operation throws `storeUnavailable`. Default: 256 MiB, far above any reply the store and
+    /// the transport ask for (a poll of 512 records of 64 KiB each is 32 MiB).
+    public var maxReplyBytes: Int = 256 << 20
+    /// The deepest nesting of arrays accepted in a reply (the deepest the store and transport
+    /// read is 4, `XAUTOCLAIM`). Default: 16.
+    public var maxReplyDepth: Int = 16
     /// Connections in the pool; each has its own thread for the blocking hiredis calls.
     /// Default: 2.
     public var poolSize: Int = 2
@@ -154,6 +166,8 @@ public struct RedisConfiguration: Sendable, CustomStringConvertible, CustomDebug
         guard database >= 0 else { throw bad("database must be non-negative, got \(database)") }
         guard connectTimeout > .zero, commandTimeout > .zero else { throw bad("timeouts must be positive") }
         guard reconnectBackoff >= .zero, maximumReconnectBackoff >= .zero else { throw bad("backoffs must not be negative") }
+        guard maxReplyBytes >= 1024 else { throw bad("maxReplyBytes must be at least 1024, got \(maxReplyBytes)") }
+        guard (1...64).contains(maxReplyDepth) else { throw bad("maxReplyDepth must be within 1...64, got \(maxReplyDepth)") }
     }
 
     /// The endpoint, user and database; the password shows only as `***` when set.
@@ -173,6 +187,7 @@ public struct RedisConfiguration: Sendable, CustomStringConvertible, CustomDebug
             "endpoint": endpoint, "username": username as Any, "password": password == nil ? "nil" : "***",
             "database": database, "connectTimeout": connectTimeout, "commandTimeout": commandTimeout,
             "poolSize": poolSize, "connectAttempts": connectAttempts,
+            "maxReplyBytes": maxReplyBytes, "maxReplyDepth": maxReplyDepth,
         ], displayStyle: .struct)
     }
 }

@@ -20,7 +20,18 @@ final class RedisConnection {
     /// case of a connection left over from before a server restart): resending is safe.
     struct NotSent: Error {}
 
-    private init(context: UnsafeMutablePointer<redisContext>) { self.context = context }
+    private let fd: Int32
+    private let commandTimeout: Duration
+    private let endpoint: RedisConfiguration.Endpoint
+    private var reader: RESPReader
+
+    private init(context: UnsafeMutablePointer<redisContext>, configuration: RedisConfiguration) {
+        self.context = context
+        self.fd = context.pointee.fd
+        self.commandTimeout = configuration.commandTimeout
+        self.endpoint = configuration.endpoint
+        self.reader = RESPReader(limits: RESPLimits(maxReplyBytes: configuration.maxReplyBytes, maxDepth: configuration.maxReplyDepth))
+    }
 
     deinit { redisFree(context) }
 
@@ -40,12 +51,14 @@ final class RedisConnection {
             throw ExactlyOnceError(.storeUnavailable, "cannot allocate a Redis context for \(configuration.endpoint)")
         }
         // From here on the connection object owns (and frees) the context, whatever fails.
-        let connection = RedisConnection(context: raw)
+        let connection = RedisConnection(context: raw, configuration: configuration)
         if raw.pointee.err != 0 {
             throw ExactlyOnceError(.storeUnavailable, "cannot connect to Redis at \(configuration.endpoint): \(connection.errorString)")
         }
-        guard redisSetTimeout(raw, makeTimeval(configuration.commandTimeout)) == REDIS_OK else {
-            throw ExactlyOnceError(.storeUnavailable, "cannot set the Redis command timeout: \(connection.errorString)")
+        // From here on the bytes are written and read by `pipeline`, never by hiredis.
+        let flags = fcntl(raw.pointee.fd, F_GETFL)
+        guard flags >= 0, fcntl(raw.pointee.fd, F_SETFL, flags | O_NONBLOCK) == 0 else {
+            throw ExactlyOnceError(.storeUnavailable, "cannot make the Redis socket non-blocking: \(describe(errno: errno))")
         }
         if case .tcp = configuration.endpoint.kind {
             // Only for TCP: on a unix socket hiredis marks the context as failed.
@@ -86,94 +99,113 @@ final class RedisConnection {
         try pipeline([argv])[0]
     }
 
-    /// Appends every command to the output buffer, then reads one reply per command: one round
-    /// trip for the whole list. An I/O failure breaks the connection and throws
-    /// `ExactlyOnceError/Code/storeUnavailable` (some commands may have run).
-    func pipeline(_ commands: [[[UInt8]]]) throws -> [RedisReply] {
+    /// Writes every command, then reads one reply per command: one round trip for the whole
+    /// list, bounded by ``RedisConfiguration/commandTimeout`` (plus `extraWait`, for commands
+    /// that block on the server) counted from the request, and by the reply limits. hiredis
+    /// only connects; the bytes are written and read here, on a non-blocking socket with
+    /// `poll(2)`, so that no server can hold the call longer than the deadline or make it buffer
+    /// more than the limits. An I/O failure, a timeout or a refused reply breaks the connection
+    /// and throws `ExactlyOnceError/Code/storeUnavailable` (some commands may have run).
+    func pipeline(_ commands: [[[UInt8]]], extraWait: Duration = .zero) throws -> [RedisReply] {
         guard !isBroken else { throw ExactlyOnceError(.storeUnavailable, "Redis connection is broken") }
+        let clock = ContinuousClock()
+        let deadline = clock.now.advanced(by: commandTimeout + extraWait)
+        try checkIdle()
+        var out: [UInt8] = []
+        out.reserveCapacity(commands.reduce(0) { $0 + $1.reduce(16) { $0 + $1.count + 16 } })
         for argv in commands {
-            try append(argv)
+            precondition(!argv.isEmpty, "a Redis command needs a name")
+            RESPEncoder.append(argv, to: &out)
         }
-        // Flush the output buffer ourselves: a failure of the very first write means the server
-        // received nothing, so the caller may safely resend on a fresh connection.
-        var done: Int32 = 0
-        var firstWrite = true
-        while done == 0 {
-            guard redisBufferWrite(context, &done) == REDIS_OK else {
-                isBroken = true
-                if firstWrite { throw NotSent() }
-                throw ExactlyOnceError(.storeUnavailable, "Redis connection failed while sending: \(errorString)")
+        // Write everything. A failure of the very first write means the server received
+        // nothing, so the caller may safely resend on a fresh connection.
+        var written = 0
+        while written < out.count {
+            let n = out.withUnsafeBytes { write(fd, $0.baseAddress! + written, $0.count - written) }
+            if n > 0 {
+                written += n
+                continue
             }
-            firstWrite = false
+            let e = errno
+            if n < 0 && e == EINTR { continue }
+            if n < 0 && (e == EAGAIN || e == EWOULDBLOCK) {
+                try wait(for: Int16(POLLOUT), until: deadline, clock, what: "sending")
+                continue
+            }
+            isBroken = true
+            if written == 0 { throw NotSent() }
+            throw ExactlyOnceError(.storeUnavailable, "Redis connection failed while sending: \(Self.describe(errno: e))")
         }
         var replies: [RedisReply] = []
         replies.reserveCapacity(commands.count)
-        for _ in commands {
-            var raw: UnsafeMutableRawPointer?
-            let status = redisGetReply(context, &raw)
-            guard status == REDIS_OK, let raw else {
-                if let raw { freeReplyObject(raw) }
+        var chunk = [UInt8](repeating: 0, count: 64 * 1024)
+        while replies.count < commands.count {
+            do {
+                if let reply = try reader.next() {
+                    replies.append(reply)
+                    continue
+                }
+            } catch {
                 isBroken = true
-                throw ExactlyOnceError(.storeUnavailable, "Redis connection failed while reading a reply: \(errorString)")
+                throw ExactlyOnceError(.storeUnavailable, "refused a reply from Redis at \(endpoint): \(error)",
+                                       cause: ExactlyOnceError.Cause(type: "RedisReplyLimit", code: nil))
             }
-            defer { freeReplyObject(raw) }
-            replies.append(Self.copy(raw.assumingMemoryBound(to: redisReply.self)))
+            try wait(for: Int16(POLLIN), until: deadline, clock, what: "waiting for a reply")
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+            if n > 0 {
+                chunk.withUnsafeBytes { reader.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                bytesRead += n
+                continue
+            }
+            let e = errno
+            if n < 0 && (e == EINTR || e == EAGAIN || e == EWOULDBLOCK) { continue }
+            isBroken = true
+            if n == 0 { throw ExactlyOnceError(.storeUnavailable, "Redis closed the connection before answering") }
+            throw ExactlyOnceError(.storeUnavailable, "Redis connection failed while reading a reply: \(Self.describe(errno: e))")
         }
         return replies
     }
 
-    private func append(_ argv: [[UInt8]]) throws {
-        precondition(!argv.isEmpty, "a Redis command needs a name")
-        // All arguments in one buffer (plus a trailing byte, so even empty arguments point into
-        // valid memory); the pointers into it live only inside this closure.
-        var storage: [UInt8] = []
-        storage.reserveCapacity(argv.reduce(1) { $0 + $1.count })
-        var offsets: [Int] = []
-        offsets.reserveCapacity(argv.count)
-        for a in argv {
-            offsets.append(storage.count)
-            storage.append(contentsOf: a)
-        }
-        storage.append(0)
-        let lengths = argv.map(\.count)
-        let status: Int32 = storage.withUnsafeBytes { bytes in
-            let base = bytes.baseAddress!.assumingMemoryBound(to: CChar.self)
-            var pointers: [UnsafePointer<CChar>?] = offsets.map { base + $0 }
-            return lengths.withUnsafeBufferPointer { lens in
-                pointers.withUnsafeMutableBufferPointer { ptrs in
-                    redisAppendCommandArgv(context, Int32(argv.count), ptrs.baseAddress, lens.baseAddress)
-                }
-            }
-        }
-        guard status == REDIS_OK else {
+    /// Bytes received on this connection, for tests.
+    private(set) var bytesRead = 0
+
+    /// Refuses a connection that the server closed, or that holds bytes nobody asked for,
+    /// before anything is sent on it (resending on a fresh connection is then safe).
+    private func checkIdle() throws {
+        if reader.hasPendingInput {
             isBroken = true
-            throw ExactlyOnceError(.storeUnavailable, "cannot queue a Redis command: \(errorString)")
+            throw NotSent()
+        }
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&pfd, 1, 0) > 0 else { return }
+        // Readable while idle: closed by the peer (or unsolicited bytes): drop it.
+        isBroken = true
+        throw NotSent()
+    }
+
+    /// Waits until the socket is ready for `events`, or throws when `deadline` passed.
+    private func wait(for events: Int16, until deadline: ContinuousClock.Instant, _ clock: ContinuousClock, what: String) throws {
+        while true {
+            let left = deadline - clock.now
+            guard left > .zero else {
+                isBroken = true
+                throw ExactlyOnceError(.storeUnavailable, "Redis at \(endpoint) did not answer within \(commandTimeout) (commandTimeout, counted from the request) while \(what)",
+                                       cause: ExactlyOnceError.Cause(type: "RedisTimeout", code: nil))
+            }
+            let (s, atto) = left.components
+            let ms = Int32(clamping: s * 1000 + atto / 1_000_000_000_000_000 + 1)
+            var pfd = pollfd(fd: fd, events: events, revents: 0)
+            let r = poll(&pfd, 1, ms)
+            if r > 0 { return }
+            if r < 0 && errno != EINTR {
+                isBroken = true
+                throw ExactlyOnceError(.storeUnavailable, "Redis connection failed: \(Self.describe(errno: errno))")
+            }
         }
     }
 
-    /// Copies a hiredis reply tree into a Swift value (the C tree is freed by the caller).
-    static func copy(_ reply: UnsafePointer<redisReply>) -> RedisReply {
-        let r = reply.pointee
-        func bytes() -> [UInt8] {
-            guard let str = r.str, r.len > 0 else { return [] }
-            return Array(UnsafeRawBufferPointer(start: str, count: Int(r.len)))
-        }
-        switch r.type {
-        case REDIS_REPLY_STRING: return .string(bytes())
-        case REDIS_REPLY_STATUS: return .status(String(decoding: bytes(), as: UTF8.self))
-        case REDIS_REPLY_ERROR: return .error(String(decoding: bytes(), as: UTF8.self))
-        case REDIS_REPLY_INTEGER: return .integer(Int64(r.integer))
-        case REDIS_REPLY_NIL: return .null
-        case REDIS_REPLY_ARRAY:
-            var items: [RedisReply] = []
-            items.reserveCapacity(Int(r.elements))
-            for i in 0..<Int(r.elements) {
-                if let element = r.element?[i] { items.append(copy(element)) } else { items.append(.null) }
-            }
-            return .array(items)
-        default:
-            return .error("ERR unsupported reply type \(r.type)")
-        }
+    private static func describe(errno e: Int32) -> String {
+        String(cString: strerror(e))
     }
 }
 

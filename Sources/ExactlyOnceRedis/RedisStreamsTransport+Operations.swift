@@ -8,7 +8,7 @@ extension RedisStreamsTransport {
     public func endOffsets(topic: String) async throws -> [PartitionID: Offset] {
         return try await transportCall {
             let count = try await partitionCount(of: topic)
-            let replies = try await client.pipeline((0..<count).map { [Array("GET".utf8), topicKey(topic, "\($0):seq")] })
+            let replies = try await verifiedPipeline((0..<count).map { [Array("GET".utf8), topicKey(topic, "\($0):seq")] })
             var out: [PartitionID: Offset] = [:]
             for (p, reply) in replies.enumerated() {
                 let end = reply == .null ? 0 : try ReplyDecoding.int64(reply, "end offset")

@@ -34,8 +34,22 @@ public final class RedisStreamsTransport: MessageTransport {
         public var redis: RedisConfiguration = .init()
         /// Prefix of every key the transport touches. Default: `"exactly-once-streams:"`.
         public var keyPrefix: String = "exactly-once-streams:"
-        /// A member that has not polled for this long loses its partitions. Default: 10 seconds.
+        /// A member that has not heartbeaten for this long loses its partitions. Default: 10 seconds.
         public var sessionTimeout: Duration = .seconds(10)
+        /// How often a polling member runs the heartbeat script (renewing its session and
+        /// learning rebalances); polls in between reuse the last assignment, and see a rebalance
+        /// by the group's generation, read in the same round trip as the records. A refused
+        /// commit makes the next poll heartbeat at once. At most a third of ``sessionTimeout`` is
+        /// used. Default: 1 second.
+        public var heartbeatInterval: Duration = .seconds(1)
+        /// How long a topic's partition count is cached before it is read again (publish, read,
+        /// subscribe). The count of a topic never changes while it exists (``RedisStreamsTransport/createTopic(_:partitions:)``
+        /// refuses another count), so this only matters for a topic deleted and made again with
+        /// another count. Default: 30 seconds.
+        public var partitionCountRefresh: Duration = .seconds(30)
+        /// Most records per publish script call; a batch publish sends all its calls in one
+        /// pipelined round trip. Default: 256.
+        public var publishChunk: Int = 256
         /// All defaults.
         public init() {}
         /// Defaults, reaching Redis as `redis`.
@@ -45,6 +59,9 @@ public final class RedisStreamsTransport: MessageTransport {
     let client: RedisClient
     let configuration: Configuration
     let clock: any WallClock
+    let logger: Logger
+    /// Partition counts read, with when they were read.
+    private let partitionCounts = Mutex<[String: (count: Int, at: ContinuousClock.Instant)]>([:])
 
     /// Creates a transport. No connection is made until the first operation.
     /// - Throws: `ExactlyOnceError/Code/invalidConfiguration`.
@@ -53,9 +70,19 @@ public final class RedisStreamsTransport: MessageTransport {
         guard configuration.sessionTimeout > .zero else {
             throw ExactlyOnceError(.invalidConfiguration, "sessionTimeout must be positive")
         }
+        guard configuration.heartbeatInterval > .zero else {
+            throw ExactlyOnceError(.invalidConfiguration, "heartbeatInterval must be positive")
+        }
+        guard configuration.partitionCountRefresh >= .zero else {
+            throw ExactlyOnceError(.invalidConfiguration, "partitionCountRefresh must not be negative")
+        }
+        guard (1...4096).contains(configuration.publishChunk) else {
+            throw ExactlyOnceError(.invalidConfiguration, "publishChunk must be within 1...4096")
+        }
         self.client = try RedisClient(configuration: configuration.redis, logger: logger)
         self.configuration = configuration
         self.clock = clock
+        self.logger = logger
     }
 
     func topicKey(_ topic: String, _ suffix: String) -> [UInt8] { Array("\(configuration.keyPrefix)t:\(topic):\(suffix)".utf8) }
@@ -67,45 +94,159 @@ public final class RedisStreamsTransport: MessageTransport {
             guard partitions >= 1 else { throw ExactlyOnceError(.invalidConfiguration, "a topic needs at least one partition") }
             let key = topicKey(topic, "n")
             _ = try await client.command([Array("SET".utf8), key, Array(String(partitions).utf8), Array("NX".utf8)])
-            let existing = try await partitionCount(of: topic)
+            let existing = try await readPartitionCount(topic)
             guard existing == partitions else {
                 throw ExactlyOnceError(.invalidConfiguration, "topic \(topic) exists with \(existing) partitions, not \(partitions)")
             }
+            partitionCounts.withLock { $0[topic] = (existing, ContinuousClock.now) }
         }
     }
 
-    /// The number of partitions of `topic`.
+    /// The number of partitions of `topic`, cached for ``Configuration/partitionCountRefresh``.
     /// - Throws: `ExactlyOnceError/Code/unknownTopic` for an unknown topic.
     public func partitionCount(of topic: String) async throws -> Int {
+        let clock = ContinuousClock()
+        if let cached = partitionCounts.withLock({ $0[topic] }), clock.now - cached.at < configuration.partitionCountRefresh {
+            return cached.count
+        }
         return try await transportCall {
-            let reply = try await client.command([Array("GET".utf8), topicKey(topic, "n")])
-            if reply == .null { throw ExactlyOnceError(.unknownTopic, "unknown topic \(topic)") }
-            let n = try ReplyDecoding.int64(reply, "partition count")
-            guard n >= 1, let count = Int(exactly: n) else { throw ReplyDecoding.unexpected("partition count", reply) }
+            let count = try await readPartitionCount(topic)
+            partitionCounts.withLock { $0[topic] = (count, clock.now) }
             return count
         }
     }
 
-    /// Appends `record` to its partition's stream (one script: offset allocation and `XADD`).
-    public func publish(_ record: OutgoingRecord, to topic: String, partitioning: Partitioning) async throws -> RecordPosition {
-        return try await transportCall {
-            let count = try await partitionCount(of: topic)
-            let p = try partitioning.resolve(key: record.key, partitionCount: count)
-            var args: [[UInt8]] = [Array("p".utf8), record.payload]
-            if let key = record.key {
-                args.append(Array("k".utf8))
-                args.append(key)
-            }
-            for (name, value) in record.headers.sorted(by: { $0.key < $1.key }) {
-                args.append(Array("h:\(name)".utf8))
-                args.append(Array(value.utf8))
-            }
-            let keys = [topicKey(topic, "\(p.rawValue):seq"), topicKey(topic, "\(p.rawValue)")]
-            let reply = try await client.command([Array("EVAL".utf8), StreamScripts.publish.body, [UInt8(ascii: "2")]] + keys + args)
-            let offset = try ReplyDecoding.int64(reply, "publish")
-            guard offset >= 0 else { throw ReplyDecoding.unexpected("publish", reply) }
-            return RecordPosition(partition: p, offset: Offset(offset))
+    /// Reads the partition count from Redis (twice in one round trip: see ``verifiedPipeline(_:)``).
+    private func readPartitionCount(_ topic: String) async throws -> Int {
+        let reply = try await verifiedPipeline([[Array("GET".utf8), topicKey(topic, "n")]])[0]
+        if reply == .null { throw ExactlyOnceError(.unknownTopic, "unknown topic \(topic)") }
+        let n = try ReplyDecoding.int64(reply, "partition count")
+        guard n >= 1, n <= 1_000_000, let count = Int(exactly: n) else { throw ReplyDecoding.unexpected("partition count", reply) }
+        return count
+    }
+
+    /// Sends `commands` twice in one pipelined round trip and requires both answers to agree:
+    /// for the small reads that decide where reading starts or ends (committed offsets, end
+    /// offsets, the delivered point, partition counts). A reply damaged on the way (or a server
+    /// that answers nonsense) then costs a retry (`storeUnavailable`, reported as
+    /// `transportUnavailable`), never a position.
+    func verifiedPipeline(_ commands: [[[UInt8]]], client: RedisClient? = nil) async throws -> [RedisReply] {
+        let replies = try await (client ?? self.client).pipeline(commands + commands)
+        let first = Array(replies[..<commands.count])
+        guard first == Array(replies[commands.count...]) else {
+            throw ExactlyOnceError(.storeUnavailable, "Redis answered the same read twice differently (a damaged reply); not trusted")
         }
+        return first
+    }
+
+    /// Appends `record` to its partition's stream (one script call: offset allocation and `XADD`).
+    public func publish(_ record: OutgoingRecord, to topic: String, partitioning: Partitioning) async throws -> RecordPosition {
+        let report = try await publish([record], to: topic, partitioning: partitioning)
+        if let position = report.positions[0] { return position }
+        throw report.failure ?? ExactlyOnceError(.transportUnavailable, "Redis did not confirm the publish")
+    }
+
+    /// Publishes `records` in one pipelined round trip: one `EVALSHA` of the publish script per
+    /// partition and chunk of ``Configuration/publishChunk`` records, each allocating its
+    /// offsets and appending its entries atomically. Per partition, the records reported
+    /// accepted are a prefix (a chunk after a failed one of the same partition is reported not
+    /// accepted, whatever it answered). A reply that does not match what was sent (count and last
+    /// entry ID) is not trusted: its records are reported not accepted (they may be in the log:
+    /// publishing them again is safe, the consumer's dedupe makes the repeat harmless).
+    public func publish(_ records: [OutgoingRecord], to topic: String, partitioning: Partitioning) async throws -> PublishReport {
+        if records.isEmpty { return PublishReport(positions: [], failure: nil) }
+        let count = try await partitionCount(of: topic)
+        let partitions = try records.map { try partitioning.resolve(key: $0.key, partitionCount: count) }
+        var byPartition: [PartitionID: [Int]] = [:]
+        for (i, p) in partitions.enumerated() { byPartition[p, default: []].append(i) }
+        var chunks: [(partition: PartitionID, indices: ArraySlice<Int>)] = []
+        for p in byPartition.keys.sorted() {
+            let indices = byPartition[p]!
+            var start = 0
+            while start < indices.count {
+                let end = min(indices.count, start + configuration.publishChunk)
+                chunks.append((p, indices[start..<end]))
+                start = end
+            }
+        }
+        let calls: [([[UInt8]], [[UInt8]])] = chunks.map { chunk in
+            var args: [[UInt8]] = [Array(String(chunk.indices.count).utf8)]
+            for i in chunk.indices {
+                let fields = Self.entryFields(records[i])
+                args.append(Array(String(fields.count).utf8))
+                args += fields
+            }
+            return ([topicKey(topic, "\(chunk.partition.rawValue):seq"), topicKey(topic, "\(chunk.partition.rawValue)")], args)
+        }
+        var positions = [RecordPosition?](repeating: nil, count: records.count)
+        let replies: [RedisReply]
+        do {
+            replies = try await transportCall { try await client.evaluate(StreamScripts.publish, calls) }
+        } catch let e as ExactlyOnceError {
+            return PublishReport(positions: positions, failure: e)
+        }
+        var failure: ExactlyOnceError?
+        var failed = Set<PartitionID>()
+        for (chunk, reply) in zip(chunks, replies) where !failed.contains(chunk.partition) {
+            do {
+                let first = try Self.asTransportError { try Self.decodePublish(reply, count: chunk.indices.count) }
+                for (j, i) in chunk.indices.enumerated() {
+                    positions[i] = RecordPosition(partition: chunk.partition, offset: Offset(first + Int64(j)))
+                }
+            } catch let e as ExactlyOnceError {
+                failed.insert(chunk.partition)
+                if failure == nil { failure = e }
+            }
+        }
+        return PublishReport(positions: positions, failure: failure)
+    }
+
+    /// The first offset of a publish script's answer `{first offset, last entry ID}`, checked
+    /// against the number of records sent.
+    static func decodePublish(_ reply: RedisReply, count: Int) throws -> Int64 {
+        let parts = try ReplyDecoding.array(reply, "publish", count: 2)
+        let first = try ReplyDecoding.int64(parts[0], "publish")
+        guard first >= 0, first < Int64.max - Int64(count),
+              try ReplyDecoding.bytes(parts[1], "publish") == RedisStreamsSubscription.entryID(first + Int64(count) - 1) else {
+            throw ReplyDecoding.unexpected("publish", reply)
+        }
+        return first
+    }
+
+    /// A record's stream fields after the offset field the script adds: `c` checksum, `p`
+    /// payload, `k` key, `h:<name>` headers (sorted).
+    static func entryFields(_ record: OutgoingRecord) -> [[UInt8]] {
+        let headers = record.headers.sorted(by: { $0.key < $1.key })
+        var fields: [[UInt8]] = [Array("c".utf8), Array(String(entryChecksum(key: record.key, payload: record.payload, headers: headers), radix: 16).utf8),
+                                 Array("p".utf8), record.payload]
+        if let key = record.key {
+            fields.append(Array("k".utf8))
+            fields.append(key)
+        }
+        for (name, value) in headers {
+            fields.append(Array("h:\(name)".utf8))
+            fields.append(Array(value.utf8))
+        }
+        return fields
+    }
+
+    /// FNV-1a (64 bit) over the key, payload and headers, each length-prefixed: written with the
+    /// entry, checked on every read, so a damaged entry costs a retry, never a wrong record.
+    static func entryChecksum(key: [UInt8]?, payload: [UInt8], headers: [(key: String, value: String)]) -> UInt64 {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        func mix(_ bytes: some Sequence<UInt8>) { for b in bytes { h = (h ^ UInt64(b)) &* 0x0100_0000_01b3 } }
+        func field(_ bytes: [UInt8]) {
+            mix(String(bytes.count).utf8)
+            mix(CollectionOfOne(UInt8(ascii: ":")))
+            mix(bytes)
+        }
+        if let key { field(key) } else { mix("-".utf8) }
+        field(payload)
+        for (name, value) in headers {
+            field(Array(name.utf8))
+            field(Array(value.utf8))
+        }
+        return h
     }
 
     /// A random id for a new topic: fencing scopes name it, so a topic deleted and created
@@ -126,6 +267,16 @@ public final class RedisStreamsTransport: MessageTransport {
 
     /// Runs a transport operation; a Redis that cannot be reached (or answers nonsense) is
     /// `ExactlyOnceError/Code/transportUnavailable` here, a refusal `ExactlyOnceError/Code/transportFailure`.
+    static func asTransportError<T>(_ body: () throws -> T) throws -> T {
+        do {
+            return try body()
+        } catch let e as ExactlyOnceError where e.code == .storeUnavailable {
+            throw ExactlyOnceError(.transportUnavailable, e.message, cause: e.cause)
+        } catch let e as ExactlyOnceError where e.code == .storeFailure {
+            throw ExactlyOnceError(.transportFailure, e.message, cause: e.cause)
+        }
+    }
+
     func transportCall<T>(_ body: () async throws -> T) async throws -> T {
         do {
             return try await body()
@@ -149,7 +300,7 @@ public final class RedisStreamsTransport: MessageTransport {
                 commands.append([Array("HGET".utf8), Array((base + "owners").utf8), field])
                 commands.append([Array("HGET".utf8), Array((base + "epochs").utf8), field])
             }
-            let replies = try await client.pipeline(commands)
+            let replies = try await verifiedPipeline(commands)
             return try (0..<count).map { p in
                 let end = replies[4 * p] == .null ? 0 : try ReplyDecoding.int64(replies[4 * p], "end offset")
                 let committed: Offset? = replies[4 * p + 1] == .null ? nil : Offset(try ReplyDecoding.int64(replies[4 * p + 1], "committed offset"))
@@ -189,10 +340,11 @@ public final class RedisStreamsTransport: MessageTransport {
                 commands.append([Array("GET".utf8), topicKey(topic, "\(p):seq")])
                 commands.append([Array("HGET".utf8), committedKey, Array(String(p).utf8)])
             }
-            let replies = try await client.pipeline(commands)
+            let replies = try await verifiedPipeline(commands)
             for p in 0..<count {
                 let end = replies[2 * p] == .null ? 0 : try ReplyDecoding.int64(replies[2 * p], "end offset")
                 let committed = replies[2 * p + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * p + 1], "committed offset")
+                guard end >= 0, committed >= 0 else { throw ReplyDecoding.unexpected("committed offset", replies[2 * p + 1]) }
                 if committed < end { return false }
             }
             return true
@@ -269,8 +421,13 @@ public final class RedisStreamsSubscription: TransportSubscription {
         var assignment: [PartitionID: UInt64] = [:]
         var partitions: [PartitionID: PartitionState] = [:]
         var closed = false
+        /// The last heartbeat's answer and when it was received.
+        var lastHeartbeat: (generation: UInt64, assignment: [PartitionID: UInt64], at: Timestamp)?
     }
     private let state = Mutex(State())
+    /// This member's own connection for blocking reads (`XREADGROUP ... BLOCK`), so a poll that
+    /// waits never holds a connection of the transport's pool.
+    private let readClient: RedisClient
 
     init(transport: RedisStreamsTransport, topic: String, group: String, memberID: String, partitions: Int, fencingScope: String) {
         self.transport = transport
@@ -283,12 +440,18 @@ public final class RedisStreamsSubscription: TransportSubscription {
         // members, generation, owners, owner epochs, epoch counter
         self.groupKeys = ["members", "gen", "owners", "epochs", "epoch"].map { Array((base + $0).utf8) }
         self.committedKey = Array((base + "committed").utf8)
+        var c = transport.configuration.redis
+        c.poolSize = 1
+        // Cannot fail: the same configuration already passed validation with a larger pool.
+        self.readClient = (try? RedisClient(configuration: c, logger: transport.logger)) ?? transport.client
     }
 
     private func streamKey(_ p: PartitionID) -> [UInt8] { transport.topicKey(topic, "\(p.rawValue)") }
 
     /// Renews this member's session, rebalances if membership changed, and returns the
-    /// generation and this member's partitions with their epochs.
+    /// generation and this member's partitions with their epochs. The script answers every
+    /// value twice; a reply whose copies disagree (damaged on the way) is not trusted, since an
+    /// epoch or partition taken from it would reach the dedupe store's fences.
     func heartbeat(leaving: Bool) async throws -> (UInt64, [PartitionID: UInt64]) {
         let now = transport.clock.now()
         let args: [[UInt8]] = [
@@ -296,18 +459,41 @@ public final class RedisStreamsSubscription: TransportSubscription {
             Array(String(now.advanced(by: transport.configuration.sessionTimeout).milliseconds).utf8),
             Array(String(partitions).utf8), Array((leaving ? "1" : "0").utf8),
         ]
-        let reply = try await transport.client.command([Array("EVAL".utf8), StreamScripts.heartbeat.body, Array("5".utf8)] + groupKeys + args)
-        let parts = try ReplyDecoding.array(reply, "heartbeat", count: 2)
+        let reply = try await transport.client.evaluate(StreamScripts.heartbeat, [(groupKeys, args)])[0]
+        let result = try Self.decodeHeartbeat(reply, partitions: partitions)
+        if !leaving {
+            state.withLock { $0.lastHeartbeat = (result.0, result.1, now) }
+        }
+        return result
+    }
+
+    /// `{generation, generation, {partition, epoch, partition, epoch, ...}}`, copies checked.
+    static func decodeHeartbeat(_ reply: RedisReply, partitions: Int) throws -> (UInt64, [PartitionID: UInt64]) {
+        let parts = try ReplyDecoding.array(reply, "heartbeat", count: 3)
         let generation = try ReplyDecoding.uint64(parts[0], "generation")
-        let owned = try ReplyDecoding.array(parts[1], "assignment")
-        guard owned.count % 2 == 0 else { throw ReplyDecoding.unexpected("assignment", reply) }
+        guard try ReplyDecoding.uint64(parts[1], "generation") == generation else { throw ReplyDecoding.unexpected("heartbeat", reply) }
+        let owned = try ReplyDecoding.array(parts[2], "assignment")
+        guard owned.count % 4 == 0 else { throw ReplyDecoding.unexpected("assignment", reply) }
         var assignment: [PartitionID: UInt64] = [:]
-        for i in stride(from: 0, to: owned.count, by: 2) {
+        for i in stride(from: 0, to: owned.count, by: 4) {
             let p = try ReplyDecoding.int64(owned[i], "partition")
-            guard p >= 0, p < Int64(partitions) else { throw ReplyDecoding.unexpected("assignment", reply) }
-            assignment[PartitionID(Int(p))] = try ReplyDecoding.uint64(owned[i + 1], "epoch")
+            let epoch = try ReplyDecoding.uint64(owned[i + 1], "epoch")
+            guard p >= 0, p < Int64(partitions), try ReplyDecoding.int64(owned[i + 2], "partition") == p,
+                  try ReplyDecoding.uint64(owned[i + 3], "epoch") == epoch, assignment[PartitionID(Int(p))] == nil else {
+                throw ReplyDecoding.unexpected("assignment", reply)
+            }
+            assignment[PartitionID(Int(p))] = epoch
         }
         return (generation, assignment)
+    }
+
+    /// The last heartbeat's answer while it is younger than the heartbeat interval (on the
+    /// transport's clock, like sessions), else a new one.
+    private func currentAssignment() async throws -> (UInt64, [PartitionID: UInt64]) {
+        if let last = state.withLock({ $0.lastHeartbeat }), transport.clock.now() < last.at.advanced(by: min(transport.configuration.heartbeatInterval, transport.configuration.sessionTimeout / 3)) {
+            return (last.generation, last.assignment)
+        }
+        return try await heartbeat(leaving: false)
     }
 
     /// `XGROUP CREATE <stream> <group> 0 MKSTREAM` for `partitions` (an existing group is kept).
@@ -332,14 +518,20 @@ public final class RedisStreamsSubscription: TransportSubscription {
         if state.withLock({ $0.closed }) { throw ExactlyOnceError(.shutDown, "subscription of \(memberID) is closed") }
     }
 
-    /// Heartbeats, takes the current assignment, and reads up to `maxRecords` records.
+    /// Takes the current assignment (heartbeating when ``RedisStreamsTransport/Configuration/heartbeatInterval``
+    /// passed) and reads up to `maxRecords` records, waiting up to `maxWait` for them on the
+    /// server (`XREADGROUP ... BLOCK`) when every owned partition is caught up.
     public func poll(maxRecords: Int, maxWait: Duration) async throws -> PollResult {
         let clock = ContinuousClock()
         let deadline = clock.now.advanced(by: maxWait)
         while true {
-            let result = try await pollOnce(maxRecords: maxRecords)
+            let left = deadline - clock.now
+            let result = try await pollOnce(maxRecords: maxRecords, block: left > .milliseconds(1) ? left : nil)
             if !result.records.isEmpty || clock.now >= deadline { return result }
-            try await Task.sleep(for: min(.milliseconds(20), deadline - clock.now))
+            if result.assignment.isEmpty {
+                // Nothing owned: wait for a rebalance without spinning.
+                try await Task.sleep(for: min(.milliseconds(50), deadline - clock.now))
+            }
         }
     }
 
@@ -347,26 +539,34 @@ public final class RedisStreamsSubscription: TransportSubscription {
         try await transport.transportCall(body)
     }
 
-    private func pollOnce(maxRecords: Int) async throws -> PollResult {
+    private func seqKey(_ p: PartitionID) -> [UInt8] { transport.topicKey(topic, "\(p.rawValue):seq") }
+
+    private func pollOnce(maxRecords: Int, block: Duration?) async throws -> PollResult {
         return try await transportCall {
             try ensureOpen()
-            let (generation, assignment) = try await heartbeat(leaving: false)
+            let (generation, assignment) = try await currentAssignment()
             // Newly assigned partitions (or ones that came back with a new epoch) start from the
             // committed offset; the group's last-delivered ID tells how far they must catch up.
+            // Both are read twice in one round trip and checked against the stream's end: a
+            // damaged answer here would move the read position.
             let fresh = state.withLock { s in assignment.filter { s.assignment[$0.key] != $0.value }.map(\.key) }.sorted()
             var acquired: [PartitionID: PartitionState] = [:]
             if !fresh.isEmpty {
+                try await createGroups(fresh)
                 var commands: [[[UInt8]]] = []
                 for p in fresh {
-                    commands.append(createGroupCommand(p))
                     commands.append([Array("HGET".utf8), committedKey, Array(String(p.rawValue).utf8)])
                     commands.append([Array("XINFO".utf8), Array("GROUPS".utf8), streamKey(p)])
+                    commands.append([Array("GET".utf8), seqKey(p)])
                 }
-                let replies = try await transport.client.pipeline(commands)
+                let replies = try await transport.verifiedPipeline(commands)
                 for (i, p) in fresh.enumerated() {
-                    try Self.checkCreateGroup(replies[3 * i])
-                    let committed = replies[3 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[3 * i + 1], "committed offset")
-                    let delivered = try Self.lastDelivered(replies[3 * i + 2], group: group)
+                    let committed = replies[3 * i] == .null ? 0 : try ReplyDecoding.int64(replies[3 * i], "committed offset")
+                    let delivered = try Self.lastDelivered(replies[3 * i + 1], group: group)
+                    let end = replies[3 * i + 2] == .null ? 0 : try ReplyDecoding.int64(replies[3 * i + 2], "end offset")
+                    guard end >= 0, committed >= 0, committed <= end, delivered <= end else {
+                        throw ExactlyOnceError(.storeUnavailable, "Redis answered positions out of range for partition \(p) (committed \(committed), delivered \(delivered), end \(end)); not trusted")
+                    }
                     acquired[p] = PartitionState(position: Offset(committed), delivered: delivered)
                 }
             }
@@ -377,59 +577,87 @@ public final class RedisStreamsSubscription: TransportSubscription {
                 return s.partitions
             }
             let owned = current.keys.sorted()
+            guard !owned.isEmpty else {
+                // Nothing to read: heartbeat now and then only (the interval), or when the
+                // generation moved (one GET).
+                let g = try await transport.client.command([Array("GET".utf8), groupKeys[1]])
+                if (g == .null ? 0 : try ReplyDecoding.uint64(g, "generation")) != generation {
+                    let (g2, a2) = try await heartbeat(leaving: false)
+                    _ = a2  // acquired (from the committed offsets) by the next poll
+                    return PollResult(generation: g2, assignment: [:], records: [], endOffsets: [:])
+                }
+                return PollResult(generation: generation, assignment: assignment, records: [], endOffsets: [:])
+            }
             let perPartition = max(1, maxRecords / max(1, owned.count))
             let count = [Array("COUNT".utf8), Array(String(perPartition).utf8)]
 
-            // Round 1: catch up with XAUTOCLAIM below the group's delivered point, XREADGROUP after it.
-            var commands: [[[UInt8]]] = []
-            for p in owned {
-                let ps = current[p]!
-                if ps.position.rawValue < ps.delivered {
-                    commands.append([Array("XAUTOCLAIM".utf8), streamKey(p), Array(group.utf8), Array(memberID.utf8),
-                                     Array("0".utf8), Self.entryID(ps.position.rawValue)] + count)
-                } else {
-                    commands.append([Array("XREADGROUP".utf8), Array("GROUP".utf8), Array(group.utf8), Array(memberID.utf8)] + count
-                                    + [Array("STREAMS".utf8), streamKey(p), Array(">".utf8)])
-                }
-                commands.append([Array("GET".utf8), transport.topicKey(topic, "\(p.rawValue):seq")])
+            // Round 1, one round trip: XAUTOCLAIM for partitions below the group's delivered
+            // point; one XREADGROUP over all the others (blocking on the server when nothing
+            // needs catching up); the end offsets last, so they cover what was read.
+            let catchingUp = owned.filter { current[$0]!.position.rawValue < current[$0]!.delivered }
+            let reading = owned.filter { current[$0]!.position.rawValue >= current[$0]!.delivered }
+            // The group's generation first: a rebalance since the last heartbeat is seen in this
+            // round trip, and answered with a heartbeat at once.
+            var commands: [[[UInt8]]] = [[Array("GET".utf8), groupKeys[1]]]
+            for p in catchingUp {
+                commands.append([Array("XAUTOCLAIM".utf8), streamKey(p), Array(group.utf8), Array(memberID.utf8),
+                                 Array("0".utf8), Self.entryID(current[p]!.position.rawValue)] + count)
             }
-            let replies = try await transport.client.pipeline(commands)
+            let blockFor = catchingUp.isEmpty ? block : nil
+            if !reading.isEmpty {
+                var read = [Array("XREADGROUP".utf8), Array("GROUP".utf8), Array(group.utf8), Array(memberID.utf8)] + count
+                if let blockFor {
+                    let (sec, atto) = blockFor.components
+                    read += [Array("BLOCK".utf8), Array(String(max(1, sec * 1000 + atto / 1_000_000_000_000_000)).utf8)]
+                }
+                read.append(Array("STREAMS".utf8))
+                read += reading.map(streamKey)
+                read += reading.map { _ in Array(">".utf8) }
+                commands.append(read)
+            }
+            commands.append([Array("MGET".utf8)] + owned.map(seqKey))
+            let replies = try await (blockFor == nil ? transport.client : readClient).pipeline(commands, extraWait: blockFor ?? .zero)
+            let ends = try ReplyDecoding.array(replies[replies.count - 1], "end offsets", count: owned.count)
+            var endOffsets: [PartitionID: Offset] = [:]
+            for (p, reply) in zip(owned, ends) {
+                let end = reply == .null ? 0 : try ReplyDecoding.int64(reply, "end offset")
+                guard end >= 0 else { throw ReplyDecoding.unexpected("end offset", reply) }
+                endOffsets[p] = Offset(end)
+            }
+            /// Entries must lie below the partition's end: anything else is a damaged answer.
+            func checkBelowEnd(_ entries: [ConsumedRecord], _ p: PartitionID) throws {
+                if let last = entries.last, last.offset >= endOffsets[p]! {
+                    throw ExactlyOnceError(.storeUnavailable, "Redis answered an entry of partition \(p) at \(last.offset), at or past the end \(endOffsets[p]!); not trusted")
+                }
+            }
             var read: [PartitionID: [ConsumedRecord]] = [:]
             var next = current
             var needsRange: [PartitionID] = []
-            var endOffsets: [PartitionID: Offset] = [:]
-            for (i, p) in owned.enumerated() {
+            for (i, p) in catchingUp.enumerated() {
                 var ps = current[p]!
-                if ps.position.rawValue < ps.delivered {
-                    let entries = try Self.decodeAutoClaim(replies[2 * i], topic: topic, partition: p)
-                    if let last = entries.last { ps.delivered = max(ps.delivered, last.offset.rawValue + 1) }
-                    // The pending entries from the position on, as long as they follow it without a gap.
-                    var run: [ConsumedRecord] = []
-                    for r in entries where r.offset >= ps.position {
-                        guard r.offset == ps.position else { break }
-                        run.append(r)
-                        ps.position = r.offset.next
-                    }
-                    if run.isEmpty { needsRange.append(p) }
-                    read[p] = run
-                } else {
-                    let entries = try Self.decodeReadGroup(replies[2 * i], topic: topic, partition: p)
-                    if let first = entries.first, let last = entries.last {
-                        ps.delivered = max(ps.delivered, last.offset.rawValue + 1)
-                        if first.offset <= ps.position {
-                            // Entries below the position (after a seek forward) are skipped; they
-                            // stay pending until a commit acknowledges them.
-                            let run = entries.filter { $0.offset >= ps.position }
-                            if let end = run.last { ps.position = end.offset.next }
-                            read[p] = run
-                        }
-                        // Otherwise entries between the position and `first` went to another
-                        // consumer (a former owner still reading): the next poll catches up from
-                        // the position, these included.
-                    }
-                }
+                let entries = try Self.decodeAutoClaim(replies[1 + i], topic: topic, partition: p)
+                try checkBelowEnd(entries, p)
+                if let last = entries.last { ps.delivered = max(ps.delivered, last.offset.rawValue + 1) }
+                let run = Self.run(entries, from: &ps.position)
+                if run.isEmpty { needsRange.append(p) }
+                read[p] = run
                 next[p] = ps
-                endOffsets[p] = Offset(replies[2 * i + 1] == .null ? 0 : try ReplyDecoding.int64(replies[2 * i + 1], "end offset"))
+            }
+            if !reading.isEmpty {
+                let byStream = try Self.decodeReadGroup(replies[1 + catchingUp.count], streams: reading.map(streamKey), topic: topic, partitions: reading)
+                for p in reading {
+                    guard let entries = byStream[p], !entries.isEmpty else { continue }
+                    try checkBelowEnd(entries, p)
+                    var ps = current[p]!
+                    ps.delivered = max(ps.delivered, entries.last!.offset.rawValue + 1)
+                    // Only the entries that follow the position without a gap are delivered.
+                    // Entries below it (after a seek forward) are skipped and stay pending until a
+                    // commit acknowledges them; after a gap (another consumer, a former owner
+                    // still reading, took the ones between) the next poll catches up from the
+                    // position with XAUTOCLAIM, these included.
+                    read[p] = Self.run(entries, from: &ps.position)
+                    next[p] = ps
+                }
             }
 
             // Round 2: entries that are no longer pending (acknowledged: a seek below the committed
@@ -441,22 +669,58 @@ public final class RedisStreamsSubscription: TransportSubscription {
                 })
                 for (p, reply) in zip(needsRange, rangeReplies) {
                     var ps = next[p]!
-                    let entries = try ReplyDecoding.array(reply, "XRANGE").map { try Self.decodeEntry($0, topic: topic, partition: p) }
-                    let run = entries.filter { $0.offset >= ps.position && $0.offset.rawValue < ps.delivered }
-                    if let end = run.last { ps.position = end.offset.next }
-                    // Fewer than asked: nothing else exists below the delivered point (trimmed).
-                    if entries.count < perPartition { ps.position = Offset(max(ps.position.rawValue, ps.delivered)) }
-                    read[p] = run
+                    let entries = try Self.decodeEntries(reply, "XRANGE", topic: topic, partition: p)
+                        .filter { $0.offset.rawValue < ps.delivered }
+                    try checkBelowEnd(entries, p)
+                    let run = Self.run(entries, from: &ps.position)
+                    // Fewer than asked and none at the position: nothing exists between the
+                    // position and the first entry returned (trimmed), or up to the delivered point.
+                    if run.isEmpty, entries.count < perPartition {
+                        let to = entries.first(where: { $0.offset > ps.position })?.offset.rawValue ?? ps.delivered
+                        ps.position = Offset(max(ps.position.rawValue, to))
+                        read[p] = Self.run(entries, from: &ps.position)
+                    } else {
+                        read[p] = run
+                    }
                     next[p] = ps
                 }
             }
 
-            let records = owned.flatMap { read[$0] ?? [] }
-            state.withLock { s in
-                for (p, ps) in next where s.assignment[p] == assignment[p] && s.partitions[p] == current[p] { s.partitions[p] = ps }
+            let seenGeneration = replies[0] == .null ? 0 : try ReplyDecoding.uint64(replies[0], "generation")
+            var resultGeneration = generation
+            var resultAssignment = assignment
+            if seenGeneration != generation {
+                // Rebalanced meanwhile: keep what was read of the partitions this member still
+                // holds with the same epoch; the others are dropped (their entries stay pending
+                // and the new owner claims them from the committed offset). Partitions gained
+                // are acquired by the next poll.
+                let (g2, a2) = try await heartbeat(leaving: false)
+                resultGeneration = g2
+                resultAssignment = assignment.filter { a2[$0.key] == $0.value }
+                state.withLock { s in
+                    s.assignment = resultAssignment
+                    s.partitions = s.partitions.filter { resultAssignment[$0.key] != nil }
+                }
+                endOffsets = endOffsets.filter { resultAssignment[$0.key] != nil }
             }
-            return PollResult(generation: generation, assignment: assignment, records: records, endOffsets: endOffsets)
+            let records = owned.filter { resultAssignment[$0] != nil }.flatMap { read[$0] ?? [] }
+            state.withLock { s in
+                for (p, ps) in next where s.assignment[p] == resultAssignment[p] && s.partitions[p] == current[p] { s.partitions[p] = ps }
+            }
+            return PollResult(generation: resultGeneration, assignment: resultAssignment, records: records, endOffsets: endOffsets)
         }
+    }
+
+    /// The entries that follow `position` without a gap (entries below it are skipped), moving
+    /// `position` past them.
+    static func run(_ entries: [ConsumedRecord], from position: inout Offset) -> [ConsumedRecord] {
+        var out: [ConsumedRecord] = []
+        for r in entries where r.offset >= position {
+            guard r.offset == position else { break }
+            out.append(r)
+            position = r.offset.next
+        }
+        return out
     }
 
     /// The stream entry ID of `offset`.
@@ -486,7 +750,21 @@ public final class RedisStreamsSubscription: TransportSubscription {
         return 0
     }
 
-    /// Entries of an `XREADGROUP` reply on one stream (nil when there is nothing new).
+    /// Entries of an `XREADGROUP` reply on `streams`, by partition (nil reply: nothing new). A
+    /// stream that was not asked for, or named twice, makes the whole reply untrusted.
+    static func decodeReadGroup(_ reply: RedisReply, streams: [[UInt8]], topic: String, partitions: [PartitionID]) throws -> [PartitionID: [ConsumedRecord]] {
+        if reply == .null { return [:] }
+        var out: [PartitionID: [ConsumedRecord]] = [:]
+        for item in try ReplyDecoding.array(reply, "XREADGROUP") {
+            let stream = try ReplyDecoding.array(item, "XREADGROUP stream", count: 2)
+            let name = try ReplyDecoding.bytes(stream[0], "XREADGROUP stream name")
+            guard let i = streams.firstIndex(of: name), out[partitions[i]] == nil else { throw ReplyDecoding.unexpected("XREADGROUP", reply) }
+            out[partitions[i]] = try decodeEntries(stream[1], "XREADGROUP entries", topic: topic, partition: partitions[i])
+        }
+        return out
+    }
+
+    /// Entries of an `XREADGROUP` reply on one stream, whatever its name (nil reply: nothing new).
     static func decodeReadGroup(_ reply: RedisReply, topic: String, partition: PartitionID) throws -> [ConsumedRecord] {
         if reply == .null { return [] }
         let streams = try ReplyDecoding.array(reply, "XREADGROUP", count: 1)
@@ -526,17 +804,32 @@ public final class RedisStreamsSubscription: TransportSubscription {
         var payload: [UInt8]?
         var key: [UInt8]?
         var headers: [String: String] = [:]
+        var offsetField: [UInt8]?
+        var checksum: [UInt8]?
         for i in stride(from: 0, to: fields.count, by: 2) {
             let name = try ReplyDecoding.text(fields[i], "stream field")
             let value = try ReplyDecoding.bytes(fields[i + 1], "stream value")
             switch name {
             case "p": payload = value
             case "k": key = value
+            case "o": offsetField = value
+            case "c": checksum = value
             default:
                 if name.hasPrefix("h:") { headers[String(name.dropFirst(2))] = String(decoding: value, as: UTF8.self) }
             }
         }
         guard let payload else { throw ReplyDecoding.unexpected("stream entry without payload", entry) }
+        // Entries written by this version carry their offset and a checksum (older ones do not):
+        // an entry whose ID, offset field or content disagree was damaged on the way.
+        if let offsetField, offsetField != Array(String(seq - 1).utf8) {
+            throw ExactlyOnceError(.storeUnavailable, "a stream entry's ID and offset disagree (a damaged reply); not trusted")
+        }
+        if let checksum {
+            let sorted = headers.sorted(by: { $0.key < $1.key }).map { (key: $0.key, value: $0.value) }
+            guard checksum == Array(String(RedisStreamsTransport.entryChecksum(key: key, payload: payload, headers: sorted), radix: 16).utf8) else {
+                throw ExactlyOnceError(.storeUnavailable, "a stream entry's checksum does not match its content (a damaged reply); not trusted")
+            }
+        }
         return ConsumedRecord(topic: topic, partition: partition, offset: Offset(seq - 1), key: key, payload: payload, headers: headers)
     }
 
@@ -555,10 +848,12 @@ public final class RedisStreamsSubscription: TransportSubscription {
                 // Exclusive upper bound of the IDs to acknowledge: the entry of offset `o` and later stay.
                 args.append(Array("(0-\(max(0, o.rawValue) + 1)".utf8))
             }
-            let reply = try await transport.client.command([Array("EVAL".utf8), StreamScripts.commit.body, Array(String(keys.count).utf8)] + keys + args)
+            let reply = try await transport.client.evaluate(StreamScripts.commit, [(keys, args)])[0]
             switch reply {
             case .status("OK"): return
             case .string(let b) where b == Array("STALE".utf8):
+                // Learn the rebalance at the next poll, not a heartbeat interval later.
+                state.withLock { $0.lastHeartbeat = nil }
                 throw ExactlyOnceError(.staleGeneration, "member \(memberID) with generation \(generation) no longer owns the partitions it commits")
             default:
                 throw ReplyDecoding.unexpected("commit", reply)
@@ -582,8 +877,11 @@ public final class RedisStreamsSubscription: TransportSubscription {
     /// The group's committed offset of `partition`, if any.
     public func committedOffset(_ partition: PartitionID) async throws -> Offset? {
         return try await transportCall {
-            let reply = try await transport.client.command([Array("HGET".utf8), committedKey, Array(String(partition.rawValue).utf8)])
-            return reply == .null ? nil : Offset(try ReplyDecoding.int64(reply, "committed offset"))
+            let reply = try await transport.verifiedPipeline([[Array("HGET".utf8), committedKey, Array(String(partition.rawValue).utf8)]])[0]
+            if reply == .null { return nil }
+            let o = try ReplyDecoding.int64(reply, "committed offset")
+            guard o >= 0 else { throw ReplyDecoding.unexpected("committed offset", reply) }
+            return Offset(o)
         }
     }
 
@@ -593,7 +891,7 @@ public final class RedisStreamsSubscription: TransportSubscription {
     public func close() async throws {
         return try await transportCall {
             let wasOpen = state.withLock { s in
-                defer { s.closed = true; s.assignment = [:]; s.partitions = [:] }
+                defer { s.closed = true; s.assignment = [:]; s.partitions = [:]; s.lastHeartbeat = nil }
                 return !s.closed
             }
             if wasOpen { _ = try await heartbeat(leaving: true) }
@@ -601,19 +899,29 @@ public final class RedisStreamsSubscription: TransportSubscription {
     }
 }
 
-/// The transport's scripts (run with `EVAL`; they are small and called once per poll or publish).
+/// The transport's scripts, run with `EVALSHA` (loaded on first use and after `NOSCRIPT`).
 enum StreamScripts {
-    /// KEYS: sequence counter, stream. ARGV: field/value pairs. Returns the new record's offset.
-    static let publish = RedisScript("streams.publish", """
-    local n = redis.call('INCR', KEYS[1])
-    redis.call('XADD', KEYS[2], '0-' .. n, unpack(ARGV))
-    return n - 1
+    /// KEYS: sequence counter, stream. ARGV: record count, then per record the number of its
+    /// fields and values and the field/value pairs. Allocates the records' offsets in one
+    /// `INCRBY` and appends them in order, each with its offset in field `o`. Returns
+    /// `{first offset, ID of the last entry}`.
+    static let publish = RedisScript("streams.publish.v2", """
+    local n = tonumber(ARGV[1])
+    local first = redis.call('INCRBY', KEYS[1], n) - n
+    local i = 2
+    for r = 0, n - 1 do
+      local m = tonumber(ARGV[i])
+      redis.call('XADD', KEYS[2], '0-' .. (first + r + 1), 'o', tostring(first + r), unpack(ARGV, i + 1, i + m))
+      i = i + m + 1
+    end
+    return {first, '0-' .. (first + n)}
     """)
 
     /// KEYS: members, generation, owners, owner epochs, epoch counter.
     /// ARGV: now, member, session end, partition count, leaving (1/0).
-    /// Returns `{generation, {partition, epoch, ...}}` for this member.
-    static let heartbeat = RedisScript("streams.heartbeat", """
+    /// Returns `{generation, generation, {partition, epoch, partition, epoch, ...}}` for this
+    /// member: every value twice, so a damaged reply shows.
+    static let heartbeat = RedisScript("streams.heartbeat.v2", """
     local now = tonumber(ARGV[1])
     local me = ARGV[2]
     local changed = false
@@ -651,9 +959,11 @@ enum StreamScripts {
       if want == me then
         mine[#mine + 1] = p
         mine[#mine + 1] = tonumber(epoch)
+        mine[#mine + 1] = p
+        mine[#mine + 1] = tonumber(epoch)
       end
     end
-    return {tonumber(gen), mine}
+    return {tonumber(gen), tonumber(gen), mine}
     """)
 
     /// KEYS: generation, owners, committed, then the stream of each partition committed.

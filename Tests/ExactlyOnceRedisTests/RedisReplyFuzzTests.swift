@@ -119,3 +119,116 @@ struct RedisReplyFuzzTests {
         #expect(oom?.code == .storeUnavailable)
     }
 }
+
+/// The wire encoding of a reply tree (what a server sends).
+func encodeRESP(_ reply: RedisReply, into out: inout [UInt8]) {
+    func line(_ type: Character, _ text: String) { out += Array("\(type)\(text)\r\n".utf8) }
+    switch reply {
+    case .string(let b):
+        line("$", "\(b.count)")
+        out += b
+        out += [13, 10]
+    case .status(let s): line("+", s)
+    case .error(let s): line("-", s)
+    case .integer(let i): line(":", "\(i)")
+    case .null: line("$", "-1")
+    case .array(let items):
+        line("*", "\(items.count)")
+        for i in items { encodeRESP(i, into: &out) }
+    }
+}
+
+@Suite("RESP reader fuzz (raw bytes)")
+struct RESPReaderFuzzTests {
+    static let limits = RESPLimits(maxReplyBytes: 1 << 20, maxDepth: 8, maxLineBytes: 4096)
+
+    /// Feeds `bytes` in random chunks; returns the replies read and whether the reader refused.
+    static func read(_ bytes: [UInt8], limits: RESPLimits = limits, rng: inout SeededRandom) -> (replies: [RedisReply], refused: RESPError?) {
+        var reader = RESPReader(limits: limits)
+        var replies: [RedisReply] = []
+        var i = 0
+        while i < bytes.count {
+            let n = min(bytes.count - i, [1, 2, 7, 64, 1000, Int.random(in: 1...5000, using: &rng)].randomElement(using: &rng)!)
+            reader.feed(Array(bytes[i..<(i + n)]))
+            i += n
+            do {
+                while let r = try reader.next() { replies.append(r) }
+            } catch {
+                return (replies, error)
+            }
+        }
+        return (replies, nil)
+    }
+
+    /// Well-formed replies, in any chunking, decode to exactly the tree that was sent (no
+    /// value (status and error texts are valid UTF-8 without CR/LF)).
+    @Test func wellFormedBytesRoundTripInAnyChunking() {
+        var gen = ReplyGenerator(rng: SeededRandom(seed: 0xE0_0002))
+        var rng = SeededRandom(seed: 7)
+        for _ in 0..<1500 {
+            let trees = (0..<Int.random(in: 1...4, using: &gen.rng)).map { _ in gen.tree(depth: 5) }
+            var bytes: [UInt8] = []
+            for t in trees { encodeRESP(t, into: &bytes) }
+            let r = Self.read(bytes, rng: &rng)
+            #expect(r.refused == nil)
+            #expect(r.replies == trees)
+        }
+    }
+
+    /// Random bytes, damaged encodings, and headers announcing lengths beyond memory: the
+    /// reader returns values or refuses with `RESPError`; it never traps, never hangs, and never
+    /// holds more than the limits allow.
+    @Test func randomAndDamagedBytesNeverTrapOrOverflow() {
+        var gen = ReplyGenerator(rng: SeededRandom(seed: 0xE0_0003))
+        var rng = SeededRandom(seed: 11)
+        let absurd = ["$999999999999\r\n", "*999999999999\r\n", "$9223372036854775807\r\n", "*9223372036854775807\r\n",
+                      "$99999999999999999999999\r\n", "$-2\r\n", "*-5\r\n", "$1048577\r\n", "*30000\r\n", ":1x\r\n",
+                      ":-\r\n", "$\r\n", "*\r\n", "\r\n", "?\r\n"]
+        var refused = 0
+        var decoded = 0
+        for iteration in 0..<4000 {
+            var bytes: [UInt8] = []
+            switch iteration % 4 {
+            case 0:
+                bytes = (0..<Int.random(in: 0..<300, using: &rng)).map { _ in
+                    [UInt8(ascii: "*"), UInt8(ascii: "$"), UInt8(ascii: ":"), UInt8(ascii: "+"), 13, 10, UInt8(ascii: "1"), UInt8(ascii: "-"),
+                     UInt8.random(in: 0...255, using: &rng)].randomElement(using: &rng)!
+                }
+            case 1:
+                encodeRESP(gen.tree(depth: 5), into: &bytes)
+                for _ in 0..<Int.random(in: 1...4, using: &rng) where !bytes.isEmpty {
+                    bytes[Int.random(in: 0..<bytes.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
+                }
+            case 2:
+                encodeRESP(gen.tree(depth: 3), into: &bytes)
+                bytes = Array(bytes.prefix(Int.random(in: 0...bytes.count, using: &rng))) + Array(absurd.randomElement(using: &rng)!.utf8)
+                bytes += (0..<Int.random(in: 0..<2000, using: &rng)).map { _ in UInt8(ascii: "x") }
+            default:
+                // Deep nesting, or an array wider than the limit allows.
+                bytes = Array(repeating: Array("*1\r\n".utf8), count: Int.random(in: 1...40, using: &rng)).flatMap { $0 } + Array(":1\r\n".utf8)
+            }
+            let r = Self.read(bytes, rng: &rng)
+            if r.refused != nil { refused += 1 } else { decoded += 1 }
+            for reply in r.replies { #expect(Self.depth(reply) <= Self.limits.maxDepth) }
+        }
+        #expect(refused > 500)
+        #expect(decoded > 500)
+    }
+
+    /// A body beyond the limit is never buffered: the refusal comes with the header.
+    @Test func lengthsBeyondMemoryAreRefusedAtTheHeader() {
+        for header in ["$999999999999\r\n", "*999999999999\r\n", "$1048577\r\n", "*40000\r\n", "$9223372036854775807\r\n"] {
+            var reader = RESPReader(limits: Self.limits)
+            reader.feed(Array(header.utf8))
+            #expect(throws: RESPError.self, "\(header)") { _ = try reader.next() }
+        }
+        var reader = RESPReader(limits: Self.limits)
+        reader.feed(Array("$99999999999999999999\r\n".utf8))
+        #expect(throws: RESPError.malformed("bad integer")) { _ = try reader.next() }
+    }
+
+    static func depth(_ r: RedisReply) -> Int {
+        if case .array(let items) = r { return 1 + (items.map(depth).max() ?? 0) }
+        return 0
+    }
+}

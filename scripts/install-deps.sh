@@ -22,9 +22,11 @@ demo_deps=(
 test_deps=(
   "bin:redis-server|redis-server|redis"
   "bin:redis-cli|redis-tools|redis"
+  "bin:chromium|chromium|chromium"
 )
 bench_deps=(
   "bin:redis-benchmark|redis-tools|redis"
+  "bin:wrk|wrk|wrk"
 )
 
 case "$profile" in

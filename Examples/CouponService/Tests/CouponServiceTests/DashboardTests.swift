@@ -11,7 +11,7 @@ func runProgram(_ path: String, _ arguments: [String]) async throws -> (Int32, S
     process.executableURL = URL(fileURLWithPath: path)
     process.arguments = arguments
     let out = FileManager.default.temporaryDirectory.appendingPathComponent("coupon-service-out-\(UUID().uuidString.prefix(8))")
-    FileManager.default.createFile(atPath: out.path, contents: nil)
+    _ = FileManager.default.createFile(atPath: out.path, contents: nil)
     let handle = try FileHandle(forWritingTo: out)
     process.standardOutput = handle
     process.standardError = FileHandle.nullDevice

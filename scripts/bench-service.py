@@ -9,9 +9,10 @@ when its critical section outlives the lease. Prints the figures, writes
 .build/service-comparison.svg (and Docs/service-comparison.svg), ends with one JSON line.
 
 Environment: BENCH_CLICKS (50000), BENCH_MEMBERS (20000), BENCH_STOCK (1000),
-BENCH_CONCURRENCY (comma list, default 16,64,256), BENCH_THREADS (2).
+BENCH_CONCURRENCY (comma list, default 16,64,256), BENCH_THREADS (2), BENCH_BINARY (the
+release build of coupon-service).
 """
-import json, os, shutil, socket, subprocess, sys, tempfile, time, urllib.request, urllib.error
+import json, os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request, urllib.error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "Examples", "CouponService")
@@ -44,7 +45,7 @@ class Service:
     def __init__(self, redis_url, extra):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        binary = os.path.join(PKG, ".build", "release", "coupon-service")
+        binary = os.environ.get("BENCH_BINARY") or os.path.join(PKG, ".build", "release", "coupon-service")
         if not os.path.exists(binary):
             sys.exit(f"bench-service: {binary} is missing: cd Examples/CouponService && swift build -c release")
         self.log = open(os.path.join(tempfile.gettempdir(), f"coupon-service-bench-{self.port}.log"), "w")
@@ -66,13 +67,30 @@ class Service:
             try: self.proc.wait(10)
             except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
 
-def wrk(base, path, concurrency, clicks):
-    out = subprocess.run([need("wrk"), f"-t{THREADS}", f"-c{concurrency}", "-d600s", "--timeout", "10s", "-s", LUA, base,
-                          "--", path, str(clicks), str(MEMBERS), str(THREADS)], capture_output=True, text=True)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
+def counter(base, name):
+    return json.loads(http("GET", base + "/counters")[1])[name]
+
+def wrk(base, path, concurrency, clicks, counter_name):
+    """Runs wrk until the service answered `clicks` requests of `path`, then stops it (SIGINT:
+    wrk prints its latency summary). wrk's threads stop after their share, but wrk itself waits
+    out its -d duration, so the load window is measured here: from just before wrk starts to the
+    moment the service's response counter reached the total."""
+    share = clicks // THREADS
+    target = counter(base, counter_name) + share * THREADS
+    start = time.monotonic()
+    proc = subprocess.Popen([need("wrk"), f"-t{THREADS}", f"-c{concurrency}", "-d600s", "--timeout", "10s", "-s", LUA, base,
+                             "--", path, str(clicks), str(MEMBERS), str(THREADS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while counter(base, counter_name) < target and proc.poll() is None:
+        time.sleep(0.002)
+    end = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    line = next((l for l in out.splitlines() if l.startswith("BENCH ")), None)
     if line is None:
-        sys.exit(f"bench-service: wrk printed no result:\n{out.stdout}\n{out.stderr}")
-    return json.loads(line[6:])
+        sys.exit(f"bench-service: wrk printed no result:\n{out}\n{err}")
+    r = json.loads(line[6:])
+    r["windowSeconds"] = end - start
+    return r
 
 def clicks_lag(base):
     state = json.loads(http("GET", base + "/dashboard/state")[1])
@@ -81,14 +99,14 @@ def clicks_lag(base):
 def run_log(svc, coupon, concurrency, clicks=CLICKS):
     assert http("POST", svc.base + "/coupons", {"couponId": coupon, "stock": STOCK})[0] == 201
     start = time.monotonic()
-    r = wrk(svc.base, f"/coupons/{coupon}/requests", concurrency, clicks)
+    r = wrk(svc.base, f"/coupons/{coupon}/requests", concurrency, clicks, "clickResponses")
     load_end = time.monotonic()
     while clicks_lag(svc.base) > 0: time.sleep(0.005)
     final = time.monotonic()
     audit = json.loads(http("GET", svc.base + f"/audit/coupons/{coupon}", timeout=120)[1])
     accepted = r["statuses"].get("202", 0)
     return dict(design="log", concurrency=concurrency, sent=r["requests"], accepted=accepted,
-                refused=r["requests"] - accepted, acceptedPerSecond=accepted / (r["durationUs"] / 1e6),
+                refused=r["requests"] - accepted, acceptedPerSecond=accepted / r["windowSeconds"],
                 p50Ms=r["p50Us"] / 1e3, p99Ms=r["p99Us"] / 1e3, p999Ms=r["p999Us"] / 1e3, maxMs=r["maxUs"] / 1e3,
                 finalOutcomeSeconds=final - start, finalAfterLoadSeconds=final - load_end, statuses=r["statuses"],
                 audit=dict(issued=audit["issued"], overIssued=audit["overIssued"], doubleIssued=audit["doubleIssued"],
@@ -97,12 +115,12 @@ def run_log(svc, coupon, concurrency, clicks=CLICKS):
 def run_lock(svc, coupon, concurrency, clicks=CLICKS):
     assert http("POST", svc.base + "/coupons", {"couponId": coupon, "stock": STOCK})[0] == 201
     start = time.monotonic()
-    r = wrk(svc.base, f"/legacy/coupons/{coupon}/issue", concurrency, clicks)
-    final = time.monotonic()
+    r = wrk(svc.base, f"/legacy/coupons/{coupon}/issue", concurrency, clicks, "legacyResponses")
+    final = start + r["windowSeconds"]  # synchronous: the last answer is the last final outcome
     audit = json.loads(http("GET", svc.base + f"/legacy/coupons/{coupon}/audit")[1])
     answered = r["statuses"].get("200", 0) + r["statuses"].get("409", 0)
     return dict(design="lock", concurrency=concurrency, sent=r["requests"], accepted=answered,
-                refused=r["requests"] - answered, acceptedPerSecond=answered / (r["durationUs"] / 1e6),
+                refused=r["requests"] - answered, acceptedPerSecond=answered / r["windowSeconds"],
                 p50Ms=r["p50Us"] / 1e3, p99Ms=r["p99Us"] / 1e3, p999Ms=r["p999Us"] / 1e3, maxMs=r["maxUs"] / 1e3,
                 finalOutcomeSeconds=final - start, finalAfterLoadSeconds=0.0, statuses=r["statuses"],
                 audit=dict(issued=audit["issued"], overIssued=audit["overIssued"], doubleIssued=audit["doubleIssued"],
@@ -214,4 +232,6 @@ def main():
         levels=results, leaseExpiryRun=expiry)))
 
 if __name__ == "__main__":
+    if os.environ.get("BENCH_TRACE"):
+        import faulthandler; faulthandler.dump_traceback_later(int(os.environ["BENCH_TRACE"]))
     main()

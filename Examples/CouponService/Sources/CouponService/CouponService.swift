@@ -22,6 +22,10 @@ public final class CouponServiceCore<Backend: CouponBackend>: Sendable {
     public let legacy: LegacyIssuer?
     let logger: Logger
     let rate = RateMeter()
+    /// Responses of the click endpoint (any status), for load tools that wait for the last one.
+    public let clickResponses = Atomic<Int>(0)
+    /// Responses of the legacy endpoint (any status).
+    public let legacyResponses = Atomic<Int>(0)
     let redisCacheFailures = Counter(label: "coupon_service_read_cache_failures")
 
     /// Builds the parts; nothing runs until ``services()`` run.

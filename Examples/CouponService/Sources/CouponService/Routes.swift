@@ -32,6 +32,7 @@ public enum CouponRoutes {
         }
 
         router.post("/coupons/:couponId/requests") { request, context in
+            defer { core.clickResponses.add(1, ordering: .relaxed) }
             guard let couponId = context.parameters.get("couponId", as: Int64.self), couponId >= 0 else {
                 return error(.badRequest, "couponId must be a non-negative integer")
             }
@@ -104,6 +105,7 @@ public enum CouponRoutes {
         }
 
         router.post("/legacy/coupons/:couponId/issue") { request, context in
+            defer { core.legacyResponses.add(1, ordering: .relaxed) }
             guard let couponId = context.parameters.get("couponId", as: Int64.self), couponId >= 0 else {
                 return error(.badRequest, "couponId must be a non-negative integer")
             }
@@ -135,6 +137,11 @@ public enum CouponRoutes {
                 guard let a = try await core.audit(couponId) else { return error(.notFound, "coupon \(couponId) does not exist") }
                 return json(.ok, a)
             }
+        }
+
+        // Response counters, for a load tool that waits for its last response (make bench-service).
+        router.get("/counters") { _, _ in
+            json(.ok, ["clickResponses": core.clickResponses.load(ordering: .relaxed), "legacyResponses": core.legacyResponses.load(ordering: .relaxed)])
         }
 
         Dashboard.add(to: router, core)

@@ -2,6 +2,7 @@ import ExactlyOnce
 import ExactlyOnceFileStore
 import ExactlyOnceRedis
 import Foundation
+import ServiceLifecycle
 
 /// Which log the service publishes clicks and payment events to.
 ///
@@ -44,6 +45,9 @@ public protocol CouponBackend: Sendable {
     var redis: RedisCommandClient? { get }
     /// One line saying what was opened, for the startup log.
     var summary: String { get }
+    /// Services of the backends themselves (the file store's compaction and close), run before
+    /// the producers and consumers in the same `ServiceGroup`.
+    var services: [any Service] { get }
 }
 
 /// A ``CouponBackend`` over any transport and store.
@@ -58,14 +62,18 @@ public struct OpenedBackend<Transport: MessageTransport, Store: DedupeStore<Effe
     public let redis: RedisCommandClient?
     /// What was opened.
     public let summary: String
+    /// The backends' own services.
+    public let services: [any Service]
 
     /// Wraps opened backends.
-    public init(transport: Transport, store: Store, catalog: any CouponCatalog, redis: RedisCommandClient?, summary: String) {
+    public init(transport: Transport, store: Store, catalog: any CouponCatalog, redis: RedisCommandClient?, summary: String,
+                services: [any Service] = []) {
         self.transport = transport
         self.store = store
         self.catalog = catalog
         self.redis = redis
         self.summary = summary
+        self.services = services
     }
 }
 
@@ -127,6 +135,7 @@ public enum Backends {
 
         let store: any DedupeStore<EffectTransaction>
         let catalog: any CouponCatalog
+        var services: [any Service] = []
         switch options.store {
         case .memory:
             var c = InMemoryDedupeStore.Configuration()
@@ -139,7 +148,9 @@ public enum Backends {
             } catch {
                 throw ServiceError("--data-dir \(options.dataDir) cannot be created (\(ExactlyOnceError.Cause(of: error)))")
             }
-            store = try await FileDedupeStore.open(FileStoreConfiguration(directory: options.dataDir + "/store"))
+            let file = try await FileDedupeStore.open(FileStoreConfiguration(directory: options.dataDir + "/store"))
+            store = file
+            services.append(file)
             catalog = try FileCatalog(path: options.dataDir + "/coupons.json")
         case .redis:
             guard let url = options.redisURL, let redis else { throw ServiceError("--store redis needs --redis-url") }
@@ -153,12 +164,12 @@ public enum Backends {
         let summary = "transport \(options.transport.rawValue), store \(options.store.rawValue)"
             + (options.store == .file ? " in \(options.dataDir)" : "")
             + (redis == nil ? ", no Redis (read cache falls back to the store, legacy endpoint answers 503)" : ", Redis \(options.redisURL ?? "")")
-        return make(transport, store, catalog, redis, summary)
+        return make(transport, store, catalog, redis, summary, services)
     }
 
     private static func make<T: MessageTransport, S: DedupeStore<EffectTransaction>>(
-        _ t: T, _ s: S, _ catalog: any CouponCatalog, _ redis: RedisCommandClient?, _ summary: String
+        _ t: T, _ s: S, _ catalog: any CouponCatalog, _ redis: RedisCommandClient?, _ summary: String, _ services: [any Service]
     ) -> any CouponBackend {
-        OpenedBackend(transport: t, store: s, catalog: catalog, redis: redis, summary: summary)
+        OpenedBackend(transport: t, store: s, catalog: catalog, redis: redis, summary: summary, services: services)
     }
 }

@@ -94,7 +94,7 @@ public final class CouponServiceCore<Backend: CouponBackend>: Sendable {
     /// The services this process runs besides the HTTP server: the producers (role api, all) and
     /// the consumers (role consumer, all).
     public func services() throws -> [any Service] {
-        var s: [any Service] = []
+        var s: [any Service] = backend.services
         if let clickProducer { s.append(clickProducer) }
         if let eventProducer { s.append(eventProducer) }
         if options.role != .api {

@@ -24,6 +24,7 @@ test: deps-test check-demo-deps
 	$(SWIFT) build --build-tests $(TEST_TRAITS) $(SWIFT_FLAGS)
 	$(SWIFT) test --skip-build $(TEST_TRAITS) --skip '$(SIMULATIONS)'
 	$(SWIFT) test --skip-build $(TEST_TRAITS) --filter '$(SIMULATIONS)'
+	cd Examples/CouponService && $(SWIFT) build --build-tests $(SWIFT_FLAGS) && $(SWIFT) test --skip-build
 	$(MAKE) docs
 
 # DocC for every library product, with the docc that ships with the toolchain.
@@ -33,6 +34,14 @@ docs:
 # Release-mode benchmarks; the last line printed is one JSON object.
 bench: deps-bench
 	cd Benchmarks && $(SWIFT) run -c release bench
+
+# The coupon service's two designs under the same load (log vs Redis lock), release build,
+# against one throwaway redis-server; prints the figures, ends with one JSON line, writes
+# .build/service-comparison.svg.
+.PHONY: bench-service
+bench-service: deps-bench
+	cd Examples/CouponService && $(SWIFT) build -c release --product coupon-service
+	python3 scripts/bench-service.py
 
 deps-demo:
 	@bash scripts/install-deps.sh demo

@@ -25,10 +25,12 @@ test_deps=(
   "bin:redis-cli|redis-tools|redis"
   "bin:kcat|kcat|kcat"
   "dir:/usr/lib/postgresql/*/bin/initdb|postgresql|postgresql"
+  "bin:chromium|chromium|chromium"
 )
 bench_deps=(
   "bin:redis-benchmark|redis-tools|redis"
   "dir:/usr/lib/postgresql/*/bin/pgbench|postgresql|postgresql"
+  "bin:wrk|wrk|wrk"
 )
 
 case "$profile" in

@@ -1,0 +1,175 @@
+import ExactlyOnce
+import ExactlyOnceFileStore
+import ExactlyOnceRedis
+import Foundation
+import ServiceLifecycle
+
+/// Which log the service publishes clicks and payment events to.
+///
+/// To add a transport (Kafka, say): add a case here, parse it in the executable's `--transport`
+/// flag, and open it in ``Backends/open(_:)`` — the rest of the service is generic over
+/// `MessageTransport` and does not change.
+public enum TransportKind: String, Sendable, CaseIterable {
+    /// The library's `InMemoryTransport`: everything in this process (the embedded default).
+    case memory
+    /// Redis Streams (`RedisStreamsTransport`), shared by every process that uses the same Redis.
+    case redisStreams = "redis-streams"
+}
+
+/// Which dedupe store is the source of truth (dedupe records and the issued coupons).
+///
+/// To add a store (PostgreSQL, say): add a case here and open it in ``Backends/open(_:)``.
+public enum StoreKind: String, Sendable, CaseIterable {
+    /// `InMemoryDedupeStore`: everything in this process (the embedded default).
+    case memory
+    /// `FileDedupeStore`: a journal in the data directory, survives restarts.
+    case file
+    /// `RedisDedupeStore`.
+    case redis
+}
+
+/// The opened backends of a running service: the transport, the source of truth, the coupon
+/// catalog and (optionally) Redis for the read cache and the legacy lock.
+public protocol CouponBackend: Sendable {
+    /// The log.
+    associatedtype Transport: MessageTransport
+    /// The source of truth.
+    associatedtype Store: DedupeStore<EffectTransaction>
+    /// The log.
+    var transport: Transport { get }
+    /// The source of truth.
+    var store: Store { get }
+    /// Where created coupons and their stock are kept.
+    var catalog: any CouponCatalog { get }
+    /// Redis, when configured: read cache of coupon counts and the legacy design's lock.
+    var redis: RedisCommandClient? { get }
+    /// One line saying what was opened, for the startup log.
+    var summary: String { get }
+    /// Services of the backends themselves (the file store's compaction and close), run before
+    /// the producers and consumers in the same `ServiceGroup`.
+    var services: [any Service] { get }
+}
+
+/// A ``CouponBackend`` over any transport and store.
+public struct OpenedBackend<Transport: MessageTransport, Store: DedupeStore<EffectTransaction>>: CouponBackend {
+    /// The log.
+    public let transport: Transport
+    /// The source of truth.
+    public let store: Store
+    /// The coupon catalog.
+    public let catalog: any CouponCatalog
+    /// Redis, when configured.
+    public let redis: RedisCommandClient?
+    /// What was opened.
+    public let summary: String
+    /// The backends' own services.
+    public let services: [any Service]
+
+    /// Wraps opened backends.
+    public init(transport: Transport, store: Store, catalog: any CouponCatalog, redis: RedisCommandClient?, summary: String,
+                services: [any Service] = []) {
+        self.transport = transport
+        self.store = store
+        self.catalog = catalog
+        self.redis = redis
+        self.summary = summary
+        self.services = services
+    }
+}
+
+/// Topic names of the service.
+public enum ServiceTopics {
+    /// Coupon clicks, keyed by coupon id (one coupon, one partition).
+    public static let clicks = "coupon-requests"
+    /// Payment events, keyed by order id.
+    public static let orderEvents = "order-events"
+    /// The consumer group.
+    public static let group = "coupon-service"
+    /// The dead-letter topic of `topic`.
+    public static func deadLetters(_ topic: String) -> String { topic + ".dlq" }
+}
+
+/// The one place where the service's backends are chosen and opened.
+public enum Backends {
+    /// Opens the transport, store, catalog and Redis client `options` name, and creates the topics.
+    /// - Throws: ``ServiceError`` with a clear message for a combination that cannot work, or
+    ///   the backend's error when it cannot be opened.
+    public static func open(_ options: ServiceOptions) async throws -> any CouponBackend {
+        let redis: RedisCommandClient?
+        if let url = options.redisURL {
+            do {
+                var config = try RedisConfiguration(url: url)
+                config.poolSize = max(config.poolSize, options.redisPoolSize)
+                redis = try RedisCommandClient(configuration: config)
+            } catch {
+                throw ServiceError("--redis-url \(url) is not usable: \(ExactlyOnceError.Cause(of: error))")
+            }
+        } else {
+            redis = nil
+        }
+        if options.role != .all && options.transport == .memory {
+            throw ServiceError("--role \(options.role.rawValue) needs a transport shared between processes (--transport redis-streams); the in-memory transport lives in one process, use --role all")
+        }
+        let topics = [ServiceTopics.clicks, ServiceTopics.orderEvents]
+
+        let transport: any MessageTransport
+        switch options.transport {
+        case .memory:
+            var t: [String: Int] = [:]
+            for topic in topics {
+                t[topic] = options.partitions
+                t[ServiceTopics.deadLetters(topic)] = 1
+            }
+            transport = try InMemoryTransport(topics: t)
+        case .redisStreams:
+            guard let url = options.redisURL else { throw ServiceError("--transport redis-streams needs --redis-url") }
+            var config = RedisStreamsTransport.Configuration(redis: try RedisConfiguration(url: url))
+            config.keyPrefix = options.keyPrefix + "streams:"
+            let streams = try RedisStreamsTransport(configuration: config)
+            for topic in topics {
+                try await streams.createTopic(topic, partitions: options.partitions)
+                try await streams.createTopic(ServiceTopics.deadLetters(topic), partitions: 1)
+            }
+            transport = streams
+        }
+
+        let store: any DedupeStore<EffectTransaction>
+        let catalog: any CouponCatalog
+        var services: [any Service] = []
+        switch options.store {
+        case .memory:
+            var c = InMemoryDedupeStore.Configuration()
+            c.capacity = options.memoryStoreCapacity
+            store = try InMemoryDedupeStore(configuration: c)
+            catalog = MemoryCatalog()
+        case .file:
+            do {
+                try FileManager.default.createDirectory(atPath: options.dataDir, withIntermediateDirectories: true)
+            } catch {
+                throw ServiceError("--data-dir \(options.dataDir) cannot be created (\(ExactlyOnceError.Cause(of: error)))")
+            }
+            let file = try await FileDedupeStore.open(FileStoreConfiguration(directory: options.dataDir + "/store"))
+            store = file
+            services.append(file)
+            catalog = try FileCatalog(path: options.dataDir + "/coupons.json")
+        case .redis:
+            guard let url = options.redisURL, let redis else { throw ServiceError("--store redis needs --redis-url") }
+            store = try RedisDedupeStore(url: url, keyPrefix: options.keyPrefix + "store:")
+            catalog = RedisCatalog(redis: redis, key: options.keyPrefix + "coupons")
+        }
+        if options.transport == .redisStreams && options.store != .redis {
+            // Several processes share the log; the catalog must be shared too.
+            if options.store == .memory { throw ServiceError("--transport redis-streams needs a shared store: --store redis") }
+        }
+        let summary = "transport \(options.transport.rawValue), store \(options.store.rawValue)"
+            + (options.store == .file ? " in \(options.dataDir)" : "")
+            + (redis == nil ? ", no Redis (read cache falls back to the store, legacy endpoint answers 503)" : ", Redis \(options.redisURL ?? "")")
+        return make(transport, store, catalog, redis, summary, services)
+    }
+
+    private static func make<T: MessageTransport, S: DedupeStore<EffectTransaction>>(
+        _ t: T, _ s: S, _ catalog: any CouponCatalog, _ redis: RedisCommandClient?, _ summary: String, _ services: [any Service]
+    ) -> any CouponBackend {
+        OpenedBackend(transport: t, store: s, catalog: catalog, redis: redis, summary: summary, services: services)
+    }
+}

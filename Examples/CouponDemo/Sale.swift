@@ -117,6 +117,9 @@ struct SaleRunner {
                 let sale = try await RedisSale(url: o.redisURL ?? defaultRedisURL, keyPrefix: "coupon-demo:\(o.saleID):streams:",
                                                sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
                 status = try await run(sale: sale, store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
+            case .kafka:
+                let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
+                status = try await run(sale: sale, store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
             case .memory:
                 status = try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
             }

@@ -27,6 +27,7 @@ let package = Package(
                 .product(name: "CouponKit", package: "swift-exactly-once"),
                 .product(name: "ExactlyOnceRedis", package: "swift-exactly-once"),
                 .product(name: "ExactlyOnceFileStore", package: "swift-exactly-once"),
+                .product(name: "ExactlyOnceKafka", package: "swift-exactly-once"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Metrics", package: "swift-metrics"),

@@ -1,6 +1,13 @@
 import CRdKafka
 import ExactlyOnce
 
+/// librdkafka's error callback. Without one, librdkafka prints every client-level error to
+/// stderr ("3/3 brokers are down" while a cluster restarts or after it is gone). Those errors are
+/// informational: librdkafka retries them, and what they cost reaches the caller through the
+/// operation they affect (a delivery report, a poll, a commit, a metadata request with its
+/// deadline), where the transport maps it to an ``ExactlyOnceError``.
+private let ignoreClientError: @convention(c) (OpaquePointer?, Int32, UnsafePointer<CChar>?, UnsafeMutableRawPointer?) -> Void = { _, _, _, _ in }
+
 /// Owns an `rd_kafka_conf_t` until it is handed to `rd_kafka_new` (which takes it over).
 final class KafkaConf {
     private(set) var pointer: OpaquePointer?
@@ -8,6 +15,7 @@ final class KafkaConf {
     init(_ properties: [(String, String)]) throws {
         guard let conf = rd_kafka_conf_new() else { throw ExactlyOnceError(.transportFailure, "rd_kafka_conf_new failed") }
         pointer = conf
+        rd_kafka_conf_set_error_cb(conf, ignoreClientError)
         for (name, value) in properties { try set(name, value) }
     }
 

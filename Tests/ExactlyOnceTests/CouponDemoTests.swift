@@ -53,8 +53,25 @@ import Testing
         #expect(try String(contentsOfFile: again, encoding: .utf8) == String(contentsOfFile: requests, encoding: .utf8))
     }
 
+    /// `--transport kafka` without `--kafka-brokers`: the sale on librdkafka's in-process mock
+    /// cluster, with injected consumer crashes, audits clean and says it ran on Kafka.
+    @Test(.timeLimit(.minutes(3))) func kafkaRunOnTheInProcessMockAuditsClean() async throws {
+        let r = try await Self.run(["--json", "--transport", "kafka", "--requests", "2000", "--coupons", "4", "--stock", "25",
+                                    "--members", "300", "--crash-rate", "0.01", "--seed", "11"])
+        #expect(r.status == 0, "\(r.err)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any], "\(r.out) \(r.err)")
+        #expect(json["transport"] as? String == "kafka")
+        #expect(json["requests"] as? Int == 2000)
+        #expect(json["issued"] as? Int == 100, "4 coupons of 25, and 300 members click more than 100 times")
+        for field in ["overIssued", "doubleIssued", "lost", "fcfsViolations"] {
+            #expect(json[field] as? Int == 0, "\(field) in \(r.out)")
+        }
+        #expect((json["crashes"] as? Int ?? 0) > 0, "crashes were injected")
+    }
+
     @Test func badFlagsGetAClearErrorAndExitCode2() async throws {
-        for args in [["--requests", "many"], ["--crash-rate", "2"], ["--partitions", "0"], ["--bogus"], ["--store", "file"], ["--data-dir", "/tmp/x"], ["--store", "file", "--data-dir", "/tmp/x", "--role", "consume", "--transport", "redis-streams"], ["--transport", "kafka"],
+        for args in [["--requests", "many"], ["--crash-rate", "2"], ["--partitions", "0"], ["--bogus"], ["--store", "file"], ["--data-dir", "/tmp/x"], ["--store", "file", "--data-dir", "/tmp/x", "--role", "consume", "--transport", "redis-streams"], ["--transport", "kafka", "--kafka-brokers", "no-port"],
+                     ["--transport", "kafka", "--kafka-brokers", "127.0.0.1:9092"], ["--role", "publish", "--transport", "kafka", "--store", "redis"],
                      ["--transport", "redis-streams"], ["--role", "consume"], ["--role", "boss"], ["--member-id", "a"],
                      ["--redis-url", "redis://127.0.0.1:1"], ["--store", "redis", "--redis-url", "http://example.com"],
                      ["--store", "redis", "--redis-url", "redis://u:hunter2@127.0.0.1:99999"]] {

@@ -1,5 +1,6 @@
 import ExactlyOnce
 import ExactlyOnceFileStore
+import ExactlyOnceKafka
 import ExactlyOnceRedis
 import Foundation
 import ServiceLifecycle
@@ -14,6 +15,9 @@ public enum TransportKind: String, Sendable, CaseIterable {
     case memory
     /// Redis Streams (`RedisStreamsTransport`), shared by every process that uses the same Redis.
     case redisStreams = "redis-streams"
+    /// Kafka (`KafkaTransport`): the cluster of `--kafka-brokers`, whose topics must exist, or
+    /// without it librdkafka's in-process mock cluster (topics created, nothing outlives the process).
+    case kafka
 }
 
 /// Which dedupe store is the source of truth (dedupe records and the issued coupons).
@@ -108,10 +112,20 @@ public enum Backends {
             redis = nil
         }
         if options.role != .all && options.transport == .memory {
-            throw ServiceError("--role \(options.role.rawValue) needs a transport shared between processes (--transport redis-streams); the in-memory transport lives in one process, use --role all")
+            throw ServiceError("--role \(options.role.rawValue) needs a transport shared between processes (--transport redis-streams or kafka); the in-memory transport lives in one process, use --role all")
+        }
+        if options.kafkaBrokers != nil && options.transport != .kafka {
+            throw ServiceError("--kafka-brokers is used with --transport kafka")
+        }
+        if options.transport == .kafka && options.kafkaBrokers == nil && options.role != .all {
+            throw ServiceError("--role \(options.role.rawValue) with --transport kafka needs a shared cluster: --kafka-brokers HOST:PORT[,...]; without it the mock cluster lives in this process, use --role all")
+        }
+        if options.transport == .kafka && options.kafkaBrokers != nil && options.store == .memory {
+            throw ServiceError("--kafka-brokers keeps the clicks and offsets across restarts, so the outcomes must outlive the process too: add --store file or --store redis")
         }
         let topics = [ServiceTopics.clicks, ServiceTopics.orderEvents]
 
+        var services: [any Service] = []
         let transport: any MessageTransport
         switch options.transport {
         case .memory:
@@ -131,11 +145,31 @@ public enum Backends {
                 try await streams.createTopic(ServiceTopics.deadLetters(topic), partitions: 1)
             }
             transport = streams
+        case .kafka:
+            let kafka: KafkaTransport
+            if let brokers = options.kafkaBrokers {
+                kafka = try KafkaTransport(configuration: kafkaConfiguration(brokers, options))
+                for topic in topics + topics.map(ServiceTopics.deadLetters) {
+                    do {
+                        _ = try await kafka.partitionCount(of: topic)
+                    } catch let e as ExactlyOnceError where e.code == .unknownTopic {
+                        throw ServiceError("topic \(topic) does not exist on \(brokers): create it (and \(ServiceTopics.deadLetters(topic))) before starting the service")
+                    }
+                }
+            } else {
+                let mock = try KafkaMockCluster(brokers: 1)
+                for topic in topics {
+                    try mock.createTopic(topic, partitions: options.partitions)
+                    try mock.createTopic(ServiceTopics.deadLetters(topic), partitions: 1)
+                }
+                kafka = try KafkaTransport(configuration: kafkaConfiguration(mock.bootstrapServers, options))
+                services.append(MockClusterService(cluster: mock))
+            }
+            transport = kafka
         }
 
         let store: any DedupeStore<EffectTransaction>
         let catalog: any CouponCatalog
-        var services: [any Service] = []
         switch options.store {
         case .memory:
             var c = InMemoryDedupeStore.Configuration()
@@ -161,15 +195,40 @@ public enum Backends {
             // Several processes share the log; the catalog must be shared too.
             if options.store == .memory { throw ServiceError("--transport redis-streams needs a shared store: --store redis") }
         }
-        let summary = "transport \(options.transport.rawValue), store \(options.store.rawValue)"
+        if options.role != .all && options.store != .redis {
+            throw ServiceError("--role \(options.role.rawValue) splits the service across processes, which share the outcomes and the coupon catalog: --store redis")
+        }
+        let summary = "transport \(options.transport.rawValue)"
+            + (options.transport == .kafka ? (options.kafkaBrokers.map { " on \($0)" } ?? " on an in-process mock cluster") : "")
+            + ", store \(options.store.rawValue)"
             + (options.store == .file ? " in \(options.dataDir)" : "")
             + (redis == nil ? ", no Redis (read cache falls back to the store, legacy endpoint answers 503)" : ", Redis \(options.redisURL ?? "")")
         return make(transport, store, catalog, redis, summary, services)
+    }
+
+    /// The Kafka transport's configuration for the service: a short linger (a click is answered
+    /// when its delivery report arrives) and the mock's shortest workable session.
+    private static func kafkaConfiguration(_ brokers: String, _ options: ServiceOptions) -> KafkaTransport.Configuration {
+        var c = KafkaTransport.Configuration(bootstrapServers: brokers)
+        c.linger = options.linger
+        c.sessionTimeout = .seconds(4)
+        return c
     }
 
     private static func make<T: MessageTransport, S: DedupeStore<EffectTransaction>>(
         _ t: T, _ s: S, _ catalog: any CouponCatalog, _ redis: RedisCommandClient?, _ summary: String, _ services: [any Service]
     ) -> any CouponBackend {
         OpenedBackend(transport: t, store: s, catalog: catalog, redis: redis, summary: summary, services: services)
+    }
+}
+
+/// Keeps the in-process mock Kafka cluster alive while the service runs, and shuts it down last
+/// (backend services start first and stop after the producers and consumers).
+struct MockClusterService: Service {
+    let cluster: KafkaMockCluster
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        cluster.shutDown()
     }
 }

@@ -22,6 +22,8 @@ public struct ServiceOptions: Sendable {
     public var dataDir = "coupon-service-data"
     /// Redis URL (read cache, legacy lock; needed by the Redis transport and store).
     public var redisURL: String?
+    /// Kafka bootstrap servers with ``TransportKind/kafka``; nil: an in-process mock cluster.
+    public var kafkaBrokers: String?
     /// Connections to Redis for the cache and the legacy design. Default: 16.
     public var redisPoolSize = 16
     /// Prefix of every Redis key the service writes.

@@ -16,14 +16,16 @@ struct CouponServiceCommand: AsyncParsableCommand {
         `coupon-service --port 8080` starts on the embedded default: in-memory transport and store,
         everything in this process, nothing survives a restart. --store file keeps the source of
         truth in --data-dir; --redis-url adds the read cache and the legacy endpoint;
-        --transport redis-streams --store redis lets several processes (--role api|consumer) share a sale.
-        Environment: COUPON_SERVICE_REDIS_URL stands for --redis-url.
+        --transport redis-streams --store redis lets several processes (--role api|consumer) share a sale;
+        --transport kafka runs on an in-process mock cluster, or on --kafka-brokers HOST:PORT[,...].
+        Environment: COUPON_SERVICE_REDIS_URL stands for --redis-url, COUPON_SERVICE_KAFKA_BROKERS for --kafka-brokers.
         """)
 
     @Option(help: "TCP port to listen on.") var port: Int = 8080
     @Option(help: "Address to bind.") var host: String = "127.0.0.1"
     @Option(help: "What this process runs: api, consumer or all.") var role: String = "all"
-    @Option(help: "The log: memory or redis-streams.") var transport: String = "memory"
+    @Option(help: "The log: memory, redis-streams or kafka.") var transport: String = "memory"
+    @Option(help: "Kafka bootstrap servers HOST:PORT[,...] with --transport kafka (default: an in-process mock cluster); the topics must exist.") var kafkaBrokers: String?
     @Option(help: "The source of truth: memory, file or redis.") var store: String = "memory"
     @Option(help: "Directory of the file store and its coupon catalog.") var dataDir: String = "coupon-service-data"
     @Option(help: "Redis URL: read cache, legacy lock, Redis transport and store.") var redisURL: String?
@@ -37,7 +39,7 @@ struct CouponServiceCommand: AsyncParsableCommand {
     func validate() throws {
         guard (1...65_535).contains(port) else { throw ValidationError("--port must be in 1...65535") }
         guard Role(rawValue: role) != nil else { throw ValidationError("--role must be api, consumer or all") }
-        guard TransportKind(rawValue: transport) != nil else { throw ValidationError("--transport must be memory or redis-streams") }
+        guard TransportKind(rawValue: transport) != nil else { throw ValidationError("--transport must be memory, redis-streams or kafka") }
         guard StoreKind(rawValue: store) != nil else { throw ValidationError("--store must be memory, file or redis") }
         guard (1...256).contains(partitions) else { throw ValidationError("--partitions must be in 1...256") }
         guard legacyLeaseMs >= 1, legacyWaitMs >= 0, legacyWorkMs >= 0 else { throw ValidationError("legacy durations must be positive") }
@@ -50,6 +52,7 @@ struct CouponServiceCommand: AsyncParsableCommand {
         options.transport = TransportKind(rawValue: transport) ?? .memory
         options.store = StoreKind(rawValue: store) ?? .memory
         options.dataDir = dataDir
+        options.kafkaBrokers = kafkaBrokers ?? ProcessInfo.processInfo.environment["COUPON_SERVICE_KAFKA_BROKERS"]
         options.redisURL = redisURL ?? ProcessInfo.processInfo.environment["COUPON_SERVICE_REDIS_URL"]
         options.partitions = partitions
         options.keyPrefix = keyPrefix

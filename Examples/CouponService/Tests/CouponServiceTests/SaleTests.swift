@@ -44,7 +44,7 @@ func sendClicks(_ client: some TestClientProtocol, coupon: Int64, _ clicks: [Int
 
 /// The independent audit: winners must be exactly the first `stock` distinct members by log
 /// position, serial n going to the n-th of them; computed here from the log and the ledger.
-func expectFirstComeFirstServed(core: MemoryCore, client: some TestClientProtocol, coupon: Int64, stock: Int) async throws {
+func expectFirstComeFirstServed<B: CouponBackend>(core: CouponServiceCore<B>, client: some TestClientProtocol, coupon: Int64, stock: Int) async throws {
     let log = try await core.clicksInLogOrder(coupon)
     var seen = Set<Int64>()
     var firstDistinct: [Int64] = []

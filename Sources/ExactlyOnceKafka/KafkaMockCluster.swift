@@ -107,6 +107,8 @@ public final class KafkaMockCluster: @unchecked Sendable {
         case notCoordinator = 16
         /// COORDINATOR_LOAD_IN_PROGRESS (retriable).
         case coordinatorLoadInProgress = 14
+        /// COORDINATOR_NOT_AVAILABLE (retriable: the client looks the coordinator up again).
+        case coordinatorNotAvailable = 15
         /// REBALANCE_IN_PROGRESS.
         case rebalanceInProgress = 27
     }

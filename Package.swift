@@ -11,6 +11,8 @@ let package = Package(
         .library(name: "ExactlyOnceFileStore", targets: ["ExactlyOnceFileStore"]),
         .library(name: "CouponKit", targets: ["CouponKit"]),
         .library(name: "ExactlyOnceKafka", targets: ["ExactlyOnceKafka"]),
+        // librdkafka's C API as ExactlyOnceKafka sees it (for the benchmarks' raw-librdkafka baselines).
+        .library(name: "CRdKafka", targets: ["CRdKafka"]),
         .executable(name: "coupon-demo", targets: ["CouponDemo"]),
         .executable(name: "exactly-once-admin", targets: ["ExactlyOnceAdmin"]),
         .library(name: "ExactlyOncePostgres", targets: ["ExactlyOncePostgres"]),
@@ -142,7 +144,7 @@ let package = Package(
         .testTarget(
             name: "ExactlyOnceKafkaTests",
             dependencies: [
-                "ExactlyOnceKafka", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "TestSupport",
+                "ExactlyOnceKafka", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "TestSupport", "ExactlyOnceRedis",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -15,6 +15,8 @@ let package = Package(
                 .product(name: "CouponKit", package: "swift-exactly-once"),
                 .product(name: "ExactlyOnceRedis", package: "swift-exactly-once"),
                 .product(name: "ExactlyOnceFileStore", package: "swift-exactly-once"),
+                .product(name: "ExactlyOnceKafka", package: "swift-exactly-once"),
+                .product(name: "CRdKafka", package: "swift-exactly-once"),
             ],
             path: "Sources/Bench"
         )

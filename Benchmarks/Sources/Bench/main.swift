@@ -10,13 +10,14 @@ var results: [String: Double] = [:]
     }
 }
 
-// BENCH_ONLY=consumer|ordering|redis|file runs one group (for iterating; `make bench` runs all).
+// BENCH_ONLY=consumer|ordering|redis|file|kafka runs one group (for iterating; `make bench` runs all).
 let only = ProcessInfo.processInfo.environment["BENCH_ONLY"]
 if only == nil || only == "consumer" { report("consumer", try await runConsumerBenchmarks()) }
 if only == nil || only == "ordering" { report("ordering", try await runOrderingBenchmarks()) }
 if only == nil || only == "redis" { report("redis", try await runRedisBenchmarks()) }
 if only == nil || only == "redis" { report("redis", try await runRedisEndToEndBenchmarks()) }
 if only == nil || only == "file" { report("file", try await runFileBenchmarks()) }
+if only == nil || only == "kafka" { report("kafka", try await runKafkaBenchmarks()) }
 
 let json = results.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\(String(format: "%.3f", $0.value))" }.joined(separator: ",")
 print("{\(json)}")

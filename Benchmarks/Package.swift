@@ -6,7 +6,10 @@ import PackageDescription
 let package = Package(
     name: "exactly-once-benchmarks",
     platforms: [.macOS(.v15)],
-    dependencies: [.package(name: "swift-exactly-once", path: "..")],
+    dependencies: [
+        .package(name: "swift-exactly-once", path: "..", traits: ["Postgres"]),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
+    ],
     targets: [
         .executableTarget(
             name: "bench",
@@ -17,6 +20,8 @@ let package = Package(
                 .product(name: "ExactlyOnceFileStore", package: "swift-exactly-once"),
                 .product(name: "ExactlyOnceKafka", package: "swift-exactly-once"),
                 .product(name: "CRdKafka", package: "swift-exactly-once"),
+                .product(name: "ExactlyOncePostgres", package: "swift-exactly-once"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
             ],
             path: "Sources/Bench"
         )

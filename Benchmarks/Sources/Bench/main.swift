@@ -18,6 +18,7 @@ if only == nil || only == "redis" { report("redis", try await runRedisBenchmarks
 if only == nil || only == "redis" { report("redis", try await runRedisEndToEndBenchmarks()) }
 if only == nil || only == "file" { report("file", try await runFileBenchmarks()) }
 if only == nil || only == "kafka" { report("kafka", try await runKafkaBenchmarks()) }
+if only == nil || only == "postgres" { report("postgres", try await runPostgresBenchmarks()) }
 
 let json = results.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\(String(format: "%.3f", $0.value))" }.joined(separator: ",")
 print("{\(json)}")

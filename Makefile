@@ -18,11 +18,17 @@ build: deps-demo
 # that wait on real time (sessions, timeouts, child processes) do not compete with them for the
 # two cores.
 SIMULATIONS = SimulationPropertyTests|KeyOrderingPropertyTests|FileStoreSimulationTests
+# The PostgreSQL tests run in a test process of their own: in one process with the tests that
+# spawn child processes (coupon-demo, redis-server, kafka-mock), a PostgreSQL test and a
+# child-process test never finished, twice in a row, with every thread idle (an await never
+# resumed; not yet understood). Each set passes on its own.
+OWN_PROCESS = ExactlyOncePostgresTests
 # Package traits the tests build with (each enables an optional backend and its tests).
 TEST_TRAITS = --traits Postgres
 test: deps-test check-demo-deps
 	$(SWIFT) build --build-tests $(TEST_TRAITS) $(SWIFT_FLAGS)
-	$(SWIFT) test --skip-build $(TEST_TRAITS) --skip '$(SIMULATIONS)'
+	$(SWIFT) test --skip-build $(TEST_TRAITS) --skip '$(SIMULATIONS)|$(OWN_PROCESS)'
+	$(SWIFT) test --skip-build $(TEST_TRAITS) --filter '$(OWN_PROCESS)'
 	$(SWIFT) test --skip-build $(TEST_TRAITS) --filter '$(SIMULATIONS)'
 	cd Examples/CouponService && $(SWIFT) build --build-tests $(SWIFT_FLAGS) && $(SWIFT) test --skip-build
 	$(MAKE) docs

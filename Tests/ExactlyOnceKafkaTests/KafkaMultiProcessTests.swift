@@ -89,18 +89,10 @@ struct KafkaMultiProcessTests {
 
         // Independently of the demo's audit: the winners in serial order are the first `stock`
         // distinct members of each coupon in publish order, and nobody holds a coupon twice.
-        struct Req: Decodable { var couponId: Int64; var memberId: Int64 }
-        struct Issued: Decodable { var couponId: Int64; var memberId: Int64; var serial: Int64 }
-        let reqs = try String(contentsOfFile: requestsOut, encoding: .utf8).split(separator: "\n").map { try JSONDecoder().decode(Req.self, from: Data($0.utf8)) }
-        let issued = try String(contentsOfFile: ledger, encoding: .utf8).split(separator: "\n").map { try JSONDecoder().decode(Issued.self, from: Data($0.utf8)) }
-        #expect(reqs.count == requests)
-        var expected: [Int64: [Int64]] = [:]
-        for q in reqs where !(expected[q.couponId] ?? []).contains(q.memberId) && Int64(expected[q.couponId]?.count ?? 0) < stock {
-            expected[q.couponId, default: []].append(q.memberId)
-        }
-        var actual: [Int64: [Int64]] = [:]
-        for i in issued.sorted(by: { ($0.couponId, $0.serial) < ($1.couponId, $1.serial) }) { actual[i.couponId, default: []].append(i.memberId) }
-        #expect(actual == expected)
+        let check = try DemoLedgerCheck(requestsPath: requestsOut, ledgerPath: ledger, stock: stock)
+        let issued = check.issued
+        #expect(check.requestCount == requests)
+        #expect(check.actualWinners == check.expectedWinners)
         #expect(issued.count == Int(coupons * stock), "demand exceeds stock, so everything sells")
         // Serials of each coupon are 1...stock, each once.
         for (c, entries) in Dictionary(grouping: issued, by: \.couponId) {

@@ -139,7 +139,7 @@ struct SaleRunner {
     ) async throws -> Int32 {
         let o = options
         let requests = generateRequests(o)
-        let logger = Logger(label: "coupon-demo", factory: { _ in SwiftLogNoOpLogHandler() })
+        let logger = o.makeLogger()
         let faults = DemoFaults(rate: o.crashRate, seed: o.seed)
         let counters = Counters()
         let progress = ProgressLine(enabled: !o.json && o.role != .audit)
@@ -178,7 +178,9 @@ struct SaleRunner {
                         key: CouponRequest.keyExtractor, faults: faults, handler: handler)
                     var session: ConsumerSession<Sale.Transport, Store>?
                     var failures = 0
-                    while !counters.done.load(ordering: .acquiring) {
+                    // Cancelled when another task of the sale failed (a stall, a backend error): the
+                    // loop ends so the sale's error is reported instead of polling on in silence.
+                    while !counters.done.load(ordering: .acquiring) && !Task.isCancelled {
                         do {
                             if session == nil { session = try await consumer.makeSession() }
                             let r = try await session!.step()
@@ -215,10 +217,14 @@ struct SaleRunner {
                         try await Task.sleep(for: .milliseconds(Sale.self == MemorySale.self ? 2 : 20))
                         let quiet = sinceStart() - counters.lastProgress.load(ordering: .relaxed)
                         if quiet > stall {
+                            // Where it stands, per partition: what an operator needs to see why.
+                            let status = (try? await sale.transport.partitionStatus(group: saleGroup, topic: saleTopic))?
+                                .map { "\($0.partition): committed \($0.committed.map { "\($0.rawValue)" } ?? "none") of \($0.end.rawValue), owner \($0.owner ?? "none")" }
+                                .joined(separator: "; ") ?? "unavailable"
                             throw DemoError(message: """
                                 the sale made no progress for \(o.stallTimeout) s (published \(progress.published.load(ordering: .relaxed)) \
                                 of \(requests.count), \(counters.crashes.load(ordering: .relaxed)) crashes, \
-                                \(counters.unavailable.load(ordering: .relaxed)) backend failures): giving up; \
+                                \(counters.unavailable.load(ordering: .relaxed)) backend failures; partitions: \(status)): giving up; \
                                 a rerun with the same options resumes it
                                 """)
                         }

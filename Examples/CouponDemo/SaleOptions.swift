@@ -2,6 +2,7 @@ import ArgumentParser
 import ExactlyOnce
 import ExactlyOnceRedis
 import Foundation
+import Logging
 #if Postgres
 import ExactlyOncePostgres
 #endif
@@ -95,6 +96,9 @@ struct SaleOptions: ParsableArguments, Sendable {
 
     @Option(name: .customLong("stall-timeout"), help: "Seconds without progress after which the sale gives up with an error.")
     var stallTimeout = 120
+
+    @Option(name: .customLong("log-level"), help: "The library's log messages on standard error, from this level up: off, trace, debug, info, notice, warning, error.")
+    var logLevel: LogLevel = .off
 
     @Flag(help: "Print one JSON object instead of the summary.")
     var json = false
@@ -224,5 +228,22 @@ enum RedisURLCheck {
         } catch let e as ExactlyOnceError {
             throw ValidationError("--redis-url: \(e.message)")
         }
+    }
+}
+
+/// `--log-level`: which of the library's log messages the sale prints on standard error.
+enum LogLevel: String, ExpressibleByArgument, CaseIterable, Sendable {
+    case off, trace, debug, info, notice, warning, error
+}
+
+extension SaleOptions {
+    /// The sale's logger: nothing with `--log-level off` (the default), else standard error.
+    func makeLogger() -> Logger {
+        guard logLevel != .off, let level = Logger.Level(rawValue: logLevel.rawValue) else {
+            return Logger(label: "coupon-demo", factory: { _ in SwiftLogNoOpLogHandler() })
+        }
+        var logger = Logger(label: "coupon-demo", factory: { label in StreamLogHandler.standardError(label: label) })
+        logger.logLevel = level
+        return logger
     }
 }

@@ -69,6 +69,23 @@ import Testing
         #expect((json["crashes"] as? Int ?? 0) > 0, "crashes were injected")
     }
 
+    /// `--log-level`: off by default (standard error stays quiet); from `info` up the library's
+    /// messages go to standard error, and standard output stays one JSON object.
+    @Test func logLevelSendsTheLibrarysMessagesToStandardError() async throws {
+        let sale = ["--json", "--requests", "1000", "--coupons", "2", "--stock", "20", "--members", "200", "--seed", "5", "--crash-rate", "0.01"]
+        let quiet = try await Self.run(sale)
+        #expect(quiet.status == 0, "\(quiet.err)")
+        #expect(!quiet.err.contains("[ExactlyOnce]"), "no log messages without --log-level: \(quiet.err)")
+        let loud = try await Self.run(sale + ["--log-level", "info"])
+        #expect(loud.status == 0, "\(loud.err)")
+        #expect(loud.err.contains(" info coupon-demo:") && loud.err.contains("[ExactlyOnce]"), "\(loud.err)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(loud.out.utf8)) as? [String: Any], "\(loud.out)")
+        #expect(json["lost"] as? Int == 0)
+        let bad = try await Self.run(sale + ["--log-level", "loud"])
+        #expect(bad.status == 2)
+        #expect(bad.err.contains("--log-level"), "\(bad.err)")
+    }
+
     @Test func badFlagsGetAClearErrorAndExitCode2() async throws {
         for args in [["--requests", "many"], ["--crash-rate", "2"], ["--partitions", "0"], ["--bogus"], ["--store", "file"], ["--data-dir", "/tmp/x"], ["--store", "file", "--data-dir", "/tmp/x", "--role", "consume", "--transport", "redis-streams"], ["--transport", "kafka", "--kafka-brokers", "no-port"],
                      ["--transport", "kafka", "--kafka-brokers", "127.0.0.1:9092"], ["--role", "publish", "--transport", "kafka", "--store", "redis"],

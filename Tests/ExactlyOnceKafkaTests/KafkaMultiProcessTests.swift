@@ -112,10 +112,15 @@ struct KafkaMultiProcessTests {
     /// is SIGKILLed mid-sale and a replacement (a new member) joins. The dead member's
     /// partitions move on once its session lapses, its uncommitted records are read again by
     /// their new owner, and the dedupe store turns repeats into replays: the audit is clean.
-    // Disabled: in about 1 of 9 runs a consumer process did not exit 180 s after the sale was
-    // fully committed and audited clean (it kept polling), and about half the runs stall 40-80 s
-    // after the SIGKILL before the group goes on. Not yet understood; see the issue 11 note.
-    @Test(.disabled("flaky: a consumer process sometimes does not exit after a clean sale (issue 11 note)"))
+    // Disabled: on a loaded machine the group often rebalances for tens of seconds on end. The
+    // cause is in librdkafka 2.0.2's mock cluster, not in the consumer: the mock ends a
+    // SyncGroup round as soon as the leader's SyncGroup arrives (it carries every member's
+    // assignment) and answers a follower whose SyncGroup comes after that with INVALID_REQUEST
+    // (seen with `debug=cgrp`: "SyncGroup error: Broker: Invalid request"); that follower
+    // rejoins, which starts the round again for every member. With several members, a follower
+    // that is late once per round keeps the group rebalancing. A real broker answers a late
+    // follower with its assignment. See the issue 11 note.
+    @Test(.disabled("librdkafka 2.0.2's mock cluster fails late followers' SyncGroup: long rebalance storms under load (issue 11 note)"))
     func threeConsumerProcessesOneKilledAndReplaced() async throws {
         try await RedisTestServer.with { server in
             let dir = try Self.scratch()
@@ -127,16 +132,11 @@ struct KafkaMultiProcessTests {
             let publisher = try ChildProcess(Self.demo, sale + ["--role", "publish", "--json"], outputIn: dir, name: "publisher")
 
             // Kill consumer 1 once the sale is under way, and start its replacement.
-            let deadline = ContinuousClock.now + .seconds(90)
-            while try Self.claimed(server) < requests / 10 && ContinuousClock.now < deadline && consumers[1].isRunning {
-                try await Task.sleep(for: .milliseconds(20))
-            }
-            let before = try Self.claimed(server)
-            #expect(before >= requests / 10, "the sale got under way (claimed \(before)): \(consumers[1].stderr)")
-            #expect(before < requests * 8 / 10, "the kill must land mid-sale (claimed \(before) of about \(requests * 8 / 10) distinct requests)")
-            #expect(consumers[1].isRunning, "consumer 1 still runs when it is killed: \(consumers[1].stderr)")
-            consumers[1].kill()
+            let killed = await consumers[1].kill(when: { ((try? Self.claimed(server)) ?? 0) >= requests / 10 })
             _ = await consumers[1].wait()
+            let before = try Self.claimed(server)
+            #expect(killed, "consumer 1 still ran when it was killed (claimed \(before)): \(consumers[1].stderr)")
+            #expect(before < requests * 8 / 10, "the kill must land mid-sale (claimed \(before) of about \(requests * 8 / 10) distinct requests)")
             #expect(consumers[1].wasSignalled)
             consumers.append(try ChildProcess(Self.demo, sale + ["--role", "consume", "--member-id", "proc-1-restarted"], outputIn: dir, name: "consumer-1b"))
 
@@ -150,24 +150,22 @@ struct KafkaMultiProcessTests {
         }
     }
 
-    /// A whole demo run (publisher and consumers in one process) on the mock cluster and Redis is
-    /// SIGKILLed mid-sale and run again with the same flags: the rerun resumes the publishing
+    /// A whole demo run (publisher and a consumer in one process) on the mock cluster and Redis
+    /// is SIGKILLed mid-sale and run again with the same flags: the rerun resumes the publishing
     /// from the end offsets, reads the uncommitted records again, and finishes the sale cleanly.
+    /// One group member per run (`--consumers 1`): with several, the mock cluster's SyncGroup
+    /// race (see the disabled test above) can keep the group rebalancing past the test's limits.
     @Test func killedRunRerunWithTheSameFlagsFinishesCleanly() async throws {
         try await RedisTestServer.with { server in
             let dir = try Self.scratch()
             defer { try? FileManager.default.removeItem(at: dir) }
             let mock = try await Mock.start(in: dir)
             let requests = 4_000
-            let sale = saleArguments(server, mock, seed: 42, requests: requests, extra: ["--crash-rate", "0.002"])
+            let sale = saleArguments(server, mock, seed: 42, requests: requests, extra: ["--crash-rate", "0.002", "--consumers", "1"])
             let first = try ChildProcess(Self.demo, sale + ["--json"], outputIn: dir, name: "first")
-            let deadline = ContinuousClock.now + .seconds(90)
-            while try Self.claimed(server) < requests / 10 && ContinuousClock.now < deadline && first.isRunning {
-                try await Task.sleep(for: .milliseconds(20))
-            }
-            #expect(first.isRunning, "the kill must land mid-sale: \(first.stdout) \(first.stderr)")
-            first.kill()
+            let killed = await first.kill(when: { ((try? Self.claimed(server)) ?? 0) >= requests / 10 })
             _ = await first.wait()
+            #expect(killed, "the kill must land mid-sale: \(first.stdout) \(first.stderr)")
             #expect(first.wasSignalled)
             let claimed = try Self.claimed(server)
             #expect(claimed >= requests / 10, "killed mid-sale (claimed \(claimed))")

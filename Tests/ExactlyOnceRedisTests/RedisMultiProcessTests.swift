@@ -104,13 +104,9 @@ struct RedisMultiProcessTests {
             let requests = 12_000
             let sale = saleArguments(server, seed: 32, requests: requests, extra: ["--crash-rate", "0.002"])
             let first = try ChildProcess(Self.demo, sale + ["--json"], outputIn: dir, name: "first")
-            let deadline = ContinuousClock.now + .seconds(90)
-            while try Self.committed(server) < requests / 4 && ContinuousClock.now < deadline && first.isRunning {
-                try await Task.sleep(for: .milliseconds(20))
-            }
-            #expect(first.isRunning, "the kill must land mid-sale: \(first.stdout)")
-            first.kill()
+            let killed = await first.kill(when: { ((try? Self.committed(server)) ?? 0) >= requests / 4 })
             _ = await first.wait()
+            #expect(killed, "the kill must land mid-sale: \(first.stdout)")
             #expect(try Self.committed(server) < requests)
 
             let second = try ChildProcess(Self.demo, sale + ["--json"], outputIn: dir, name: "second")

@@ -76,6 +76,35 @@ public final class ChildProcess: Sendable {
         if isRunning { Glibc.kill(process.processIdentifier, signal) }
     }
 
+    /// Sends `signal` (SIGKILL by default) as soon as `condition` holds, checked every
+    /// `interval` on a thread of its own; gives up when the process ends first or after
+    /// `timeout`. Not on the cooperative pool: on a loaded machine the tests running beside this
+    /// one can keep the pool's threads busy for seconds, and a kill that must land mid-run would
+    /// come too late.
+    /// - Returns: whether the signal went to the process while it still ran.
+    public func kill(_ signal: Int32 = SIGKILL, when condition: @escaping @Sendable () -> Bool,
+                     checkEvery interval: Duration = .milliseconds(10), timeout: Duration = .seconds(90)) async -> Bool {
+        await withCheckedContinuation { (c: CheckedContinuation<Bool, Never>) in
+            let thread = Thread { [self] in
+                let deadline = ContinuousClock.now + timeout
+                while isRunning && ContinuousClock.now < deadline {
+                    if condition() {
+                        let sent = exit.withLock { s -> Bool in
+                            // Under the lock the termination handler cannot record the exit meanwhile.
+                            guard s.status == nil else { return false }
+                            return Glibc.kill(process.processIdentifier, signal) == 0
+                        }
+                        c.resume(returning: sent)
+                        return
+                    }
+                    Thread.sleep(forTimeInterval: Double(interval.components.attoseconds) / 1e18 + Double(interval.components.seconds))
+                }
+                c.resume(returning: false)
+            }
+            thread.start()
+        }
+    }
+
     /// Waits for the exit status; past `timeout` the child is killed (and the wait goes on).
     @discardableResult
     public func wait(timeout: Duration = .seconds(300)) async -> Int32 {

@@ -5,7 +5,7 @@ import ExactlyOnce
 /// stderr ("3/3 brokers are down" while a cluster restarts or after it is gone). Those errors are
 /// informational: librdkafka retries them, and what they cost reaches the caller through the
 /// operation they affect (a delivery report, a poll, a commit, a metadata request with its
-/// deadline), where the transport maps it to an ``ExactlyOnceError``.
+/// deadline), where the transport maps it to an `ExactlyOnceError`.
 private let ignoreClientError: @convention(c) (OpaquePointer?, Int32, UnsafePointer<CChar>?, UnsafeMutableRawPointer?) -> Void = { _, _, _, _ in }
 
 /// Owns an `rd_kafka_conf_t` until it is handed to `rd_kafka_new` (which takes it over).

@@ -42,13 +42,16 @@ public struct CouponRequest: Sendable, Hashable, Codable {
     ///   non-negative decimal ids.
     public static func decode(_ payload: [UInt8]) throws -> (couponId: Int64, memberId: Int64) {
         guard payload.count <= 64 else { throw ExactlyOnceError(.invalidPayload, "coupon payload longer than 64 bytes") }
-        var fields: [Int64] = []
+        // The first two fields, counted without an array (this runs once or twice per click).
+        var first: Int64 = 0, second: Int64 = 0
+        var fields = 0
         var current: Int64 = 0
         var digits = 0
         for b in payload {
             if b == UInt8(ascii: ",") {
                 guard digits > 0 else { throw ExactlyOnceError(.invalidPayload, "empty field in coupon payload") }
-                fields.append(current); current = 0; digits = 0
+                if fields == 0 { first = current } else if fields == 1 { second = current }
+                fields += 1; current = 0; digits = 0
             } else if b >= UInt8(ascii: "0") && b <= UInt8(ascii: "9") {
                 guard digits < 18 else { throw ExactlyOnceError(.invalidPayload, "id too long in coupon payload") }
                 current = current * 10 + Int64(b - UInt8(ascii: "0")); digits += 1
@@ -57,9 +60,10 @@ public struct CouponRequest: Sendable, Hashable, Codable {
             }
         }
         guard digits > 0 else { throw ExactlyOnceError(.invalidPayload, "empty field in coupon payload") }
-        fields.append(current)
-        guard fields.count == 2 || fields.count == 3 else { throw ExactlyOnceError(.invalidPayload, "coupon payload needs 2 or 3 fields") }
-        return (fields[0], fields[1])
+        if fields == 1 { second = current }
+        fields += 1
+        guard fields == 2 || fields == 3 else { throw ExactlyOnceError(.invalidPayload, "coupon payload needs 2 or 3 fields") }
+        return (first, second)
     }
 
     /// The key extractor for the consumer: decodes the payload and derives `couponId:memberId`.
@@ -82,18 +86,19 @@ public struct CouponIssuer: Sendable {
     public init(stock: [Int64: Int64]) { self.stock = stock }
 
     /// State key of a coupon's issued count.
-    public static func issuedKey(_ c: Int64) -> String { "coupon:\(c):issued" }
+    public static func issuedKey(_ c: Int64) -> String { "coupon:" + String(c) + ":issued" }
     /// State key of a coupon's serial `n`.
-    public static func serialKey(_ c: Int64, _ n: Int64) -> String { "coupon:\(c):serial:\(n)" }
+    public static func serialKey(_ c: Int64, _ n: Int64) -> String { "coupon:" + String(c) + ":serial:" + String(n) }
 
     /// The handler.
     public func handle(_ ctx: inout HandlerContext<EffectTransaction>) async throws -> Outcome {
         let (couponId, memberId) = try CouponRequest.decode(ctx.record.payload)
         guard let limit = stock[couponId] else { return .rejected("unknown coupon") }
-        let issued = try await ctx.transaction.getInt(Self.issuedKey(couponId)) ?? 0
+        let issuedKey = Self.issuedKey(couponId)
+        let issued = try await ctx.transaction.getInt(issuedKey) ?? 0
         guard issued < limit else { return .rejected("sold out") }
         let serial = issued + 1
-        ctx.transaction.setInt(Self.issuedKey(couponId), serial)
+        ctx.transaction.setInt(issuedKey, serial)
         ctx.transaction.setInt(Self.serialKey(couponId, serial), memberId)
         return .applied(String(serial))
     }

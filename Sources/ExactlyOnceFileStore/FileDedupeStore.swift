@@ -301,7 +301,7 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
         var total = 0
         for c in completions {
             total += 256 + c.claim.key.rawValue.utf8.count + c.outcome.detail.count
-            for (k, v) in c.effects.writes { total += 32 + k.utf8.count + (v?.count ?? 0) }
+            for w in c.effects.writeList { total += 32 + w.key.utf8.count + (w.value?.count ?? 0) }
         }
         if total > JournalFormat.maximumPayload / 2 {
             throw ExactlyOnceError(.invalidPayload, "completion batch of about \(total) bytes exceeds the journal's record limit")

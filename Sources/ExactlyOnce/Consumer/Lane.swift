@@ -34,6 +34,13 @@ enum LaneStop: Sendable {
     }
 }
 
+/// A record's idempotency key and payload fingerprint. Declared outside the generic lane types
+/// so its layout is fixed: values of it are not boxed in unspecialized generic code.
+struct RecordIdentity: Sendable {
+    var key: IdempotencyKey
+    var fingerprint: PayloadFingerprint
+}
+
 /// One partition's processing of one poll's records.
 ///
 /// 1. Every record gets its idempotency key and payload fingerprint; the first record of each
@@ -44,7 +51,7 @@ enum LaneStop: Sendable {
 /// 3. The lane's commit offset is the first record not finished; if any sequence stopped, the
 ///    lane re-reads from there.
 struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
-    typealias Identity = SequenceRun<Transport, Store>.Identity
+    typealias Identity = RecordIdentity
 
     let consumer: ExactlyOnceConsumer<Transport, Store>
     let memberID: String
@@ -66,12 +73,17 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
         // charged claim (it is processed now, concurrently with the other heads); the rest are
         // prefetches, charged only if no earlier request of the batch was granted.
         var firstOfKey: [IdempotencyKey: Int] = [:]
-        for (i, id) in identities.enumerated() { if let id, firstOfKey[id.key] == nil { firstOfKey[id.key] = i } }
+        firstOfKey.reserveCapacity(records.count)
+        var requested: [Int] = []  // the first record of each key, in offset order
+        requested.reserveCapacity(records.count)
+        for (i, id) in identities.enumerated() {
+            guard let id else { continue }
+            if Self.noteFirst(&firstOfKey[id.key], i) { requested.append(i) }  // one hash lookup
+        }
         var heads = Set<Int>()
         if case .key = c.configuration.ordering.mode {
             for s in sequences { if let h = s.first(where: { identities[$0] != nil && firstOfKey[identities[$0]!.key] == $0 }) { heads.insert(h) } }
         }
-        var requested = firstOfKey.values.sorted()
         if !heads.isEmpty { requested = requested.filter { heads.contains($0) } + requested.filter { !heads.contains($0) } }
         let requests = requested.map { i in
             ClaimRequest(key: identities[i]!.key, fingerprint: identities[i]!.fingerprint, lease: c.configuration.lease, fence: fence, prefetch: !heads.contains(i))
@@ -124,6 +136,13 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
             for s in sequences { merge(try await run(s)) }
         }
         return finish(result, records: records, done: done, stop: stop)
+    }
+
+    /// Records `index` in an empty slot; returns whether it was empty.
+    private static func noteFirst(_ slot: inout Int?, _ index: Int) -> Bool {
+        guard slot == nil else { return false }
+        slot = index
+        return true
     }
 
     /// Commit and seek positions from what finished.
@@ -217,10 +236,7 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
 /// the completion), and at the end; a record is finished when its completion committed (or it
 /// needed none). The first record not finished is where the lane commits and re-reads.
 struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
-    struct Identity: Sendable {
-        var key: IdempotencyKey
-        var fingerprint: PayloadFingerprint
-    }
+    typealias Identity = RecordIdentity
 
     struct Result: Sendable {
         var done: [Int] = []
@@ -422,8 +438,13 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
     private mutating func commit() async throws -> LaneStop? {
         guard !staged.isEmpty else { return nil }
         let c = consumer
-        let entries = staged
-        staged.removeAll(keepingCapacity: true)
+        // Moved out and back after, so the buffer is reused (no copy-on-write of a shared array).
+        var entries: [(index: Int, outcome: Outcome, deadLettered: Bool)] = []
+        swap(&entries, &staged)
+        defer {
+            entries.removeAll(keepingCapacity: true)
+            staged = entries
+        }
         let outcome: BatchCompletion
         do {
             outcome = try await batch.commit()

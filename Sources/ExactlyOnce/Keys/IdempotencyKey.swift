@@ -66,7 +66,7 @@ public struct IdempotencyKey: Hashable, Sendable, Comparable, CustomStringConver
 
     /// The flash-sale key `couponId:memberId`.
     public static func coupon(couponId: Int64, memberId: Int64) -> IdempotencyKey {
-        IdempotencyKey(unchecked: "\(couponId):\(memberId)")
+        IdempotencyKey(unchecked: String(couponId) + ":" + String(memberId))  // small strings stay inline
     }
 
     /// The flash-sale key `couponId:memberId` for string identifiers.

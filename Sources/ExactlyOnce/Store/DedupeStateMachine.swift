@@ -54,16 +54,26 @@ package struct DedupeStateMachine: Sendable {
         }
     }
 
-    private func isLive(_ r: DedupeRecord, now: Timestamp) -> Bool {
+    private static func isLive(_ r: DedupeRecord, now: Timestamp) -> Bool {
         guard r.phase == .completed, let e = r.expiresAt else { return true }
         return now < e
     }
 
     /// Applies a batch of claims; `changes` receives what changed.
     package mutating func claim(_ requests: [ClaimRequest], now: Timestamp, changes: inout [Change]) throws -> [ClaimResult] {
-        for r in requests { try checkFence(r.fence) }
+        // A batch's requests nearly always share one fence (one lane of one partition): each
+        // run of equal fences is checked and raised once.
+        var checked: PartitionFence?
         for r in requests {
-            if let f = r.fence, (fences[f.scope] ?? 0) < f.epoch {
+            guard let f = r.fence, f != checked else { continue }
+            try checkFence(f)
+            checked = f
+        }
+        checked = nil
+        for r in requests {
+            guard let f = r.fence, f != checked else { continue }
+            checked = f
+            if (fences[f.scope] ?? 0) < f.epoch {
                 fences[f.scope] = f.epoch
                 if recordsChanges { changes.append(.fence(scope: f.scope, epoch: f.epoch)) }
             }
@@ -72,19 +82,26 @@ package struct DedupeStateMachine: Sendable {
         results.reserveCapacity(requests.count)
         var granted = false
         for request in requests {
-            var attempts = 0
-            var sameOwner = false
-            let found = records.index(forKey: request.key)
-            if let found, isLive(records.values[found], now: now) {
-                let existing = records.values[found]
+            // One hash lookup per key: the record's slot is read and written in place.
+            results.append(Self.claim(&records[request.key], request, now: now, lastToken: &lastToken, granted: &granted,
+                                      recordsChanges: recordsChanges, changes: &changes))
+        }
+        return results
+    }
+
+    /// Claims one key, given its record's slot in the index (nil: no record).
+    private static func claim(_ slot: inout DedupeRecord?, _ request: ClaimRequest, now: Timestamp, lastToken: inout UInt64,
+                              granted: inout Bool, recordsChanges: Bool, changes: inout [Change]) -> ClaimResult {
+        var attempts = 0
+        var sameOwner = false
+        if let existing = slot {
+            if isLive(existing, now: now) {
                 if existing.fingerprint != request.fingerprint {
-                    results.append(.conflict(stored: existing.fingerprint, outcome: existing.phase == .completed ? existing.outcome : nil))
-                    continue
+                    return .conflict(stored: existing.fingerprint, outcome: existing.phase == .completed ? existing.outcome : nil)
                 }
                 switch existing.phase {
                 case .completed:
-                    results.append(.completed(existing.outcome ?? Outcome(status: .applied)))
-                    continue
+                    return .completed(existing.outcome ?? Outcome(status: .applied))
                 case .inProgress:
                     // The partition's owner of the same or a newer epoch may take over at once:
                     // an older epoch is fenced anyway, and the same epoch is this owner itself
@@ -95,32 +112,29 @@ package struct DedupeStateMachine: Sendable {
                         sameOwner = mine.epoch == theirs.epoch
                     }
                     if now < existing.leaseExpiresAt && !newerOrSameOwner {
-                        results.append(.inProgress(leaseExpiresAt: existing.leaseExpiresAt))
-                        continue
+                        return .inProgress(leaseExpiresAt: existing.leaseExpiresAt)
                     }
                     attempts = existing.attempts
                 case .released:
                     attempts = existing.attempts
                 }
-            } else if let found {
+            } else {
                 // Expired: forget it and start afresh.
-                records.remove(at: found)
                 if recordsChanges { changes.append(.removed(request.key)) }
             }
-            lastToken += 1
-            let charged = !(request.prefetch && granted) && !sameOwner
-            granted = true
-            let expires = now.advanced(by: request.lease)
-            let record = DedupeRecord(
-                key: request.key, fingerprint: request.fingerprint, phase: .inProgress, attempts: charged ? attempts + 1 : attempts,
-                token: FencingToken(lastToken), leaseExpiresAt: expires, fence: request.fence
-            )
-            records[request.key] = record
-            if recordsChanges { changes.append(.record(record)) }
-            results.append(.new(Claim(key: request.key, token: record.token, attempt: sameOwner ? max(1, attempts) : attempts + 1,
-                                      leaseExpiresAt: expires, fingerprint: request.fingerprint, fence: request.fence)))
         }
-        return results
+        lastToken += 1
+        let charged = !(request.prefetch && granted) && !sameOwner
+        granted = true
+        let expires = now.advanced(by: request.lease)
+        let record = DedupeRecord(
+            key: request.key, fingerprint: request.fingerprint, phase: .inProgress, attempts: charged ? attempts + 1 : attempts,
+            token: FencingToken(lastToken), leaseExpiresAt: expires, fence: request.fence
+        )
+        if recordsChanges { changes.append(.record(record)) }
+        slot = record
+        return .new(Claim(key: request.key, token: record.token, attempt: sameOwner ? max(1, attempts) : attempts + 1,
+                          leaseExpiresAt: expires, fingerprint: request.fingerprint, fence: request.fence))
     }
 
     private func checkOwner(_ claim: Claim, now: Timestamp) throws -> DedupeRecord {
@@ -142,7 +156,8 @@ package struct DedupeStateMachine: Sendable {
         guard let index = records.index(forKey: claim.key) else {
             throw ExactlyOnceError(.fenced, "key \(claim.key) is no longer held (expired or evicted)")
         }
-        let (phase, token, leaseEnd) = (records.values[index].phase, records.values[index].token, records.values[index].leaseExpiresAt)
+        // Read in place (a getter on `values` would copy the whole record, three times).
+        let (phase, token, leaseEnd) = Self.ownership(&records.values[index])
         guard token == claim.token else {
             throw ExactlyOnceError(.fenced, "claim token \(claim.token) on \(claim.key) was superseded by token \(token)")
         }
@@ -153,20 +168,35 @@ package struct DedupeStateMachine: Sendable {
         guard now < leaseEnd else {
             throw ExactlyOnceError(.fenced, "lease of token \(token) on \(claim.key) expired before completion")
         }
-        for (key, version) in completion.effects.reads where (state[key]?.version ?? 0) != version {
-            throw ExactlyOnceError(.transactionConflict, "state key \(IdempotencyKey.abbreviate(key)) changed during the effect")
+        for read in completion.effects.readList where (state[read.key]?.version ?? 0) != read.version {
+            throw ExactlyOnceError(.transactionConflict, "state key \(IdempotencyKey.abbreviate(read.key)) changed during the effect")
         }
-        for (key, value) in completion.effects.writes {
-            let v = VersionedValue(value: value, version: (state[key]?.version ?? 0) + 1)
-            state[key] = v
-            if recordsChanges { changes.append(.state(key: key, value: v)) }
+        for write in completion.effects.writeList {
+            let v = Self.write(&state[write.key], write.value)  // one hash lookup per key
+            if recordsChanges { changes.append(.state(key: write.key, value: v)) }
         }
         // Mutate in place: no second lookup, no copy of the record.
-        records.values[index].phase = .completed
-        records.values[index].outcome = completion.outcome
-        records.values[index].expiresAt = retention.map { now.advanced(by: $0) }
+        Self.markCompleted(&records.values[index], completion.outcome, expiresAt: retention.map { now.advanced(by: $0) })
         if recordsChanges { changes.append(.record(records.values[index])) }
         return true
+    }
+
+    private static func markCompleted(_ r: inout DedupeRecord, _ outcome: Outcome, expiresAt: Timestamp?) {
+        r.phase = .completed
+        r.outcome = outcome
+        r.expiresAt = expiresAt
+    }
+
+    /// The fields a completion checks, read without copying the record.
+    private static func ownership(_ r: inout DedupeRecord) -> (DedupeRecord.Phase, FencingToken, Timestamp) {
+        (r.phase, r.token, r.leaseExpiresAt)
+    }
+
+    /// Writes `value` into a state slot, one version up; returns the new versioned value.
+    private static func write(_ slot: inout VersionedValue?, _ value: [UInt8]?) -> VersionedValue {
+        let v = VersionedValue(value: value, version: (slot?.version ?? 0) + 1)
+        slot = v
+        return v
     }
 
     /// Applies a release.
@@ -184,7 +214,7 @@ package struct DedupeStateMachine: Sendable {
 
     /// Removes completed records whose retention ended; returns how many.
     package mutating func purgeExpired(now: Timestamp, changes: inout [Change]) -> Int {
-        let expired = records.values.filter { !isLive($0, now: now) }.map(\.key)
+        let expired = records.values.filter { !Self.isLive($0, now: now) }.map(\.key)
         for key in expired {
             records[key] = nil
             if recordsChanges { changes.append(.removed(key)) }
@@ -241,7 +271,7 @@ package struct DedupeStateMachine: Sendable {
     package func list(_ query: RecordQuery, now: Timestamp) throws -> RecordPage {
         let limit = try query.validatedLimit()
         var matching: [DedupeRecord] = []
-        for r in records.values where isLive(r, now: now) && query.matches(r) {
+        for r in records.values where Self.isLive(r, now: now) && query.matches(r) {
             if let cursor = query.cursor, r.key.rawValue <= cursor { continue }
             matching.append(r)
         }

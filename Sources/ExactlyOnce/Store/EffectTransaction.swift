@@ -4,8 +4,10 @@
 public struct EffectTransaction: Sendable {
     private let store: any DedupeStore
     private let pending: PendingEffects?
-    private var reads: [String: (version: UInt64, value: [UInt8]?)] = [:]
-    private var writes: [String: [UInt8]?] = [:]
+    /// What was read (with versions) and written so far; also the cache of read values.
+    private var recorded = EffectWrites.none
+    /// The values read, parallel to `recorded.readList`.
+    private var readValues: [[UInt8]?] = []
 
     /// Starts a transaction on `store`.
     public init(store: any DedupeStore) {
@@ -21,39 +23,77 @@ public struct EffectTransaction: Sendable {
 
     /// The value of `key`, seeing this transaction's own writes (and the lane's pending ones).
     public mutating func get(_ key: String) async throws -> [UInt8]? {
-        if let written = writes[key] { return written }
-        if let read = reads[key] { return read.value }
+        if let written = recorded.written(key) { return written }
+        if let i = recorded.readList.firstIndex(where: { $0.key == key }) { return readValues[i] }
         let v = try await store.readState(key)
+        if readValues.capacity == 0 { readValues.reserveCapacity(2) }
         if let p = pending?.writes[key] {
             // Not applied yet: by the time this completes, the pending writes will have been.
-            reads[key] = (v.version + UInt64(p.count), p.value)
+            recorded.noteRead(key, v.version + UInt64(p.count))
+            readValues.append(p.value)
             return p.value
         }
-        reads[key] = (v.version, v.value)
+        recorded.noteRead(key, v.version)
+        readValues.append(v.value)
         return v.value
     }
 
     /// Buffers a write of `value` to `key`.
-    public mutating func set(_ key: String, _ value: [UInt8]) { writes[key] = .some(value) }
+    public mutating func set(_ key: String, _ value: [UInt8]) { recorded.noteWrite(key, value) }
 
     /// Buffers the removal of `key`.
-    public mutating func remove(_ key: String) { writes[key] = .some(nil) }
+    public mutating func remove(_ key: String) { recorded.noteWrite(key, nil) }
 
     /// `key` as a decimal integer (nil when absent).
     /// - Throws: ``ExactlyOnceError/Code/invalidPayload`` when the stored value is not an integer.
     public mutating func getInt(_ key: String) async throws -> Int64? {
         guard let bytes = try await get(key) else { return nil }
-        guard let v = Int64(String(decoding: bytes, as: UTF8.self)) else {
+        guard let v = Self.decimal(bytes) else {
             throw ExactlyOnceError(.invalidPayload, "state key \(IdempotencyKey.abbreviate(key)) does not hold an integer")
         }
         return v
     }
 
     /// Buffers `value` as a decimal integer.
-    public mutating func setInt(_ key: String, _ value: Int64) { set(key, Array(String(value).utf8)) }
+    public mutating func setInt(_ key: String, _ value: Int64) { set(key, Self.decimalBytes(value)) }
 
     /// What the transaction read and wrote.
-    public var effects: EffectWrites { EffectWrites(reads: reads.mapValues(\.version), writes: writes) }
+    public var effects: EffectWrites { recorded }
+
+    /// The ASCII decimal form of `value`, without an intermediate string.
+    static func decimalBytes(_ value: Int64) -> [UInt8] {
+        var magnitude = value.magnitude
+        var digits: [UInt8] = []
+        digits.reserveCapacity(20)
+        repeat {
+            digits.append(UInt8(ascii: "0") + UInt8(magnitude % 10))
+            magnitude /= 10
+        } while magnitude > 0
+        if value < 0 { digits.append(UInt8(ascii: "-")) }
+        digits.reverse()
+        return digits
+    }
+
+    /// Parses an ASCII decimal integer (optional leading `-`, at most 19 digits), as `Int64(_:)` does.
+    static func decimal(_ bytes: [UInt8]) -> Int64? {
+        var i = 0
+        var negative = false
+        if bytes.first == UInt8(ascii: "-") || bytes.first == UInt8(ascii: "+") {
+            negative = bytes[0] == UInt8(ascii: "-")
+            i = 1
+        }
+        guard i < bytes.count else { return nil }
+        // Up to 18 digits cannot overflow; longer ones take the standard library's checked path.
+        guard bytes.count - i <= 18 else { return Int64(String(decoding: bytes, as: UTF8.self)) }
+        var v: Int64 = 0
+        while i < bytes.count {
+            let d = bytes[i] &- UInt8(ascii: "0")
+            guard d < 10 else { return nil }
+            v = v * 10 + Int64(d)
+            i += 1
+        }
+        return negative ? -v : v
+    }
 }
 
 /// The writes of a lane's completions that are buffered for one batched store call. Handlers of
@@ -64,7 +104,7 @@ public struct EffectTransaction: Sendable {
 final class PendingEffects: @unchecked Sendable {
     var writes: [String: (value: [UInt8]?, count: Int)] = [:]
     func add(_ effects: EffectWrites) {
-        for (k, v) in effects.writes { writes[k] = (v, (writes[k]?.count ?? 0) + 1) }
+        for w in effects.writeList { writes[w.key] = (w.value, (writes[w.key]?.count ?? 0) + 1) }
     }
     func clear() { writes.removeAll(keepingCapacity: true) }
 }
@@ -118,11 +158,14 @@ public struct KeyValueBatch<Store: DedupeStore>: CompletionBatch {
     /// Sends the staged completions in one call, resending after an unknown outcome.
     public mutating func commit() async throws -> BatchCompletion {
         guard !staged.isEmpty else { return BatchCompletion(applied: 0, failure: nil) }
+        // Moved out and back, so clearing keeps the buffer (no copy-on-write of a shared array).
+        var batch: [Completion] = []
+        swap(&batch, &staged)
         defer {
-            staged.removeAll(keepingCapacity: true)
+            batch.removeAll(keepingCapacity: true)
+            staged = batch
             pending?.clear()
         }
-        let batch = staged
         var attempt = 0
         while true {
             do {

@@ -159,17 +159,112 @@ public struct VersionedValue: Sendable, Hashable {
 ///
 /// `reads` are optimistic: the completion fails with
 /// ``ExactlyOnceError/Code/transactionConflict`` if any read key's version changed since.
+///
+/// Held as two small lists in the order the handler first touched each key, one entry per key
+/// (a handler touches a few keys; lists cost no hashing). ``reads`` and ``writes`` give the
+/// same effects as dictionaries.
 public struct EffectWrites: Sendable, Hashable {
-    /// Versions observed by the handler, by state key.
-    public var reads: [String: UInt64]
-    /// New values by state key (nil removes the key).
-    public var writes: [String: [UInt8]?]
+    /// A state key the handler read, with the version it saw.
+    public struct Read: Sendable, Hashable {
+        /// The state key.
+        public var key: String
+        /// The version observed (0: the key was absent).
+        public var version: UInt64
+        /// Creates a read.
+        public init(key: String, version: UInt64) {
+            self.key = key
+            self.version = version
+        }
+    }
+
+    /// A state key the handler wrote.
+    public struct Write: Sendable, Hashable {
+        /// The state key.
+        public var key: String
+        /// The new value; nil removes the key.
+        public var value: [UInt8]?
+        /// Creates a write.
+        public init(key: String, value: [UInt8]?) {
+            self.key = key
+            self.value = value
+        }
+    }
+
+    /// The reads, one per key, in the order they were made.
+    public private(set) var readList: [Read]
+    /// The writes, one per key (the last value written), in the order keys were first written.
+    public private(set) var writeList: [Write]
+
     /// No reads and no writes.
-    public static let none = EffectWrites(reads: [:], writes: [:])
-    /// Creates a set of effects.
+    public static let none = EffectWrites(readList: [], writeList: [])
+
+    /// Creates a set of effects from dictionaries (the lists are in key order).
     public init(reads: [String: UInt64], writes: [String: [UInt8]?]) {
-        self.reads = reads
-        self.writes = writes
+        self.readList = reads.sorted { $0.key < $1.key }.map { Read(key: $0.key, version: $0.value) }
+        self.writeList = writes.sorted { $0.key < $1.key }.map { Write(key: $0.key, value: $0.value) }
+    }
+
+    /// Creates a set of effects from lists; a key listed twice keeps its first read and its last write.
+    public init(readList: [Read], writeList: [Write]) {
+        self.readList = readList
+        self.writeList = writeList
+        if Set(readList.map(\.key)).count != readList.count || Set(writeList.map(\.key)).count != writeList.count {
+            var reads: [String: UInt64] = [:]
+            for r in readList where reads[r.key] == nil { reads[r.key] = r.version }
+            var writes: [String: [UInt8]?] = [:]
+            for w in writeList { writes[w.key] = .some(w.value) }
+            self.readList = readList.filter { reads.removeValue(forKey: $0.key) != nil }
+            self.writeList = writeList.reversed().filter { writes.removeValue(forKey: $0.key) != nil }.reversed()
+        }
+    }
+
+    /// Versions observed by the handler, by state key.
+    public var reads: [String: UInt64] {
+        get { Dictionary(readList.map { ($0.key, $0.version) }, uniquingKeysWith: { first, _ in first }) }
+        set { readList = newValue.sorted { $0.key < $1.key }.map { Read(key: $0.key, version: $0.value) } }
+    }
+
+    /// New values by state key (nil removes the key).
+    public var writes: [String: [UInt8]?] {
+        get { Dictionary(writeList.map { ($0.key, $0.value) }, uniquingKeysWith: { _, last in last }) }
+        set { writeList = newValue.sorted { $0.key < $1.key }.map { Write(key: $0.key, value: $0.value) } }
+    }
+
+    /// Whether there is nothing to read-check or write.
+    public var isEmpty: Bool { readList.isEmpty && writeList.isEmpty }
+
+    /// The version this effect read for `key`, if it read it.
+    func readVersion(_ key: String) -> UInt64? { readList.first { $0.key == key }?.version }
+
+    /// The value this effect wrote for `key`: nil when it did not write it, `.some(nil)` when it removed it.
+    func written(_ key: String) -> [UInt8]?? {
+        guard let w = writeList.first(where: { $0.key == key }) else { return nil }
+        return .some(w.value)
+    }
+
+    /// Records a read of `key` at `version` (the first read of a key is kept).
+    mutating func noteRead(_ key: String, _ version: UInt64) {
+        guard !readList.contains(where: { $0.key == key }) else { return }
+        if readList.capacity == 0 { readList.reserveCapacity(2) }
+        readList.append(Read(key: key, version: version))
+    }
+
+    /// Records a write of `value` to `key` (replacing an earlier write of the same key).
+    mutating func noteWrite(_ key: String, _ value: [UInt8]?) {
+        if let i = writeList.firstIndex(where: { $0.key == key }) {
+            writeList[i].value = value
+        } else {
+            if writeList.capacity == 0 { writeList.reserveCapacity(4) }
+            writeList.append(Write(key: key, value: value))
+        }
+    }
+
+    /// Equal when they read the same versions and write the same values, whatever the order.
+    public static func == (l: EffectWrites, r: EffectWrites) -> Bool { l.reads == r.reads && l.writes == r.writes }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(reads)
+        hasher.combine(writes)
     }
 }
 

@@ -388,7 +388,7 @@ struct DeadLetterCommand: AsyncParsableCommand {
 
 // The dead-letter queue is generic over its store: these open the existential store.
 func listLetters<S: DedupeStore, T: MessageTransport>(_ store: S, transport: T, topic: String, limit: Int) async throws -> [DeadLetter] {
-    try await DeadLetterQueue(transport: transport, store: store, topic: topic).list(limit: limit)
+    try await DeadLetterQueue(transport: transport, store: store, topic: topic).page(limit: limit).letters
 }
 func showLetter<S: DedupeStore, T: MessageTransport>(_ store: S, transport: T, topic: String, partition: PartitionID, offset: Offset) async throws -> DeadLetter? {
     try await DeadLetterQueue(transport: transport, store: store, topic: topic).show(partition: partition, offset: offset)

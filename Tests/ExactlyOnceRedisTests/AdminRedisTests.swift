@@ -174,9 +174,22 @@ import Testing
             #expect((third["replayed"] as? [Any])?.isEmpty == true)
             let skipped = try #require(third["skipped"] as? [[String: Any]])
             #expect(skipped.count == 1 && skipped[0]["reason"] as? String == "answered", "\(third)")
-            let ends = try await transport.endOffsets(topic: "coupon-requests")
+            let byReason = try await ChildProcess.run(Self.admin, ["dlq", "replay", "--reason", "gave up"] + backend)
+            #expect(byReason.out.contains("skipped  0@0\t2:7\t") && byReason.out.contains("already processed: its key holds the outcome applied (5)"), "\(byReason.out)")
+            #expect(byReason.out.contains("0 replayed (reason containing \"gave up\"), 0 dead-lettered outcomes released, 1 skipped"), "\(byReason.out)")
+            var ends = try await transport.endOffsets(topic: "coupon-requests")
             #expect(ends.values.reduce(0) { $0 + $1.rawValue } == 12, "10 clicks and 2 replays, no more")
+
+            // Forced with --include-answered, it goes back and is only answered.
+            let forced = try Self.json(try await ChildProcess.run(Self.admin, ["dlq", "replay", "--reason", "gave up", "--include-answered", "--json"] + backend).out)
+            #expect((forced["replayed"] as? [Any])?.count == 1 && (forced["reopened"] as? [Any])?.isEmpty == true, "\(forced)")
+            try await drain()
+            ends = try await transport.endOffsets(topic: "coupon-requests")
+            #expect(ends.values.reduce(0) { $0 + $1.rawValue } == 13)
             #expect(try await CouponLedger.read(from: store, coupons: [1, 2]).count == 10)
+            #expect(try await store.records(for: [key])[key]?.outcome == .applied("5"))
+            let misuse = try await ChildProcess.run(Self.admin, ["dlq", "replay", "--key", "2:7", "--include-answered"] + backend)
+            #expect(misuse.status == 2 && misuse.err.contains("--include-answered is for --all and --reason"), "\(misuse.err)")
 
             let noFlag = try await ChildProcess.run(Self.admin, ["dlq", "replay"] + backend)
             #expect(noFlag.status == 2 && noFlag.err.contains("exactly one of"))

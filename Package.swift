@@ -145,7 +145,7 @@ let package = Package(
         .testTarget(
             name: "ExactlyOnceKafkaTests",
             dependencies: [
-                "ExactlyOnceKafka", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "TestSupport", "ExactlyOnceRedis",
+                "ExactlyOnceKafka", "CRdKafka", "ExactlyOnce", "ExactlyOnceTestKit", "CouponKit", "TestSupport", "ExactlyOnceRedis",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

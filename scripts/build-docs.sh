@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=".build/docs"
 mkdir -p "$out"
-for target in ExactlyOnce ExactlyOnceTestKit ExactlyOnceFileStore ExactlyOnceRedis; do
+for target in ExactlyOnce ExactlyOnceTestKit ExactlyOnceFileStore ExactlyOnceRedis ExactlyOnceKafka; do
   echo "documentation: $target"
   swift package --allow-writing-to-directory "$out" generate-documentation \
     --target "$target" --warnings-as-errors --output-path "$out/$target" >"$out/$target.log" 2>&1 || {

@@ -8,7 +8,7 @@
 #
 # Debian/Ubuntu: installs with apt-get (as root, or through sudo). Elsewhere it only reports
 # what is missing. The demo profile must name every system library that `make demo` links:
-# scripts/check-demo-deps.sh (run by `make test`) compares it with the package manifest.
+# scripts/check-demo-deps.py (run by `make test`) compares it with the package manifest.
 set -euo pipefail
 profile="${1:-test}"
 list_only=0
@@ -21,6 +21,8 @@ demo_deps=(
   "pc:rdkafka|librdkafka-dev|librdkafka"
 )
 test_deps=(
+  "bin:python3|python3|python3"
+  "bin:script|util-linux|util-linux"
   "bin:redis-server|redis-server|redis"
   "bin:redis-cli|redis-tools|redis"
   "bin:kcat|kcat|kcat"

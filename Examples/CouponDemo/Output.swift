@@ -144,7 +144,18 @@ final class ProgressLine: Sendable {
 /// - a FIFO or a character device (`/dev/stdout`, a pipe): written through;
 /// - anything else (a directory, a socket, a block device, a dangling link): refused.
 enum OutputFile {
-    static func write(_ data: Data, to path: String, flag: String) throws {
+    /// How an output path will be written.
+    enum Plan: Equatable {
+        /// Written beside and renamed over `target` (a new path, a regular file, or the regular
+        /// file a symbolic link points to).
+        case replace(target: String)
+        /// Written through (a FIFO or a character device).
+        case writeThrough(target: String)
+    }
+
+    /// How `path` would be written, or why it cannot be: checked before the sale starts (so a
+    /// bad path is a bad flag, not an error after the whole sale ran) and again when writing.
+    static func plan(_ path: String, flag: String) throws -> Plan {
         var target = path
         var st = stat()
         if lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFLNK {
@@ -154,13 +165,25 @@ enum OutputFile {
             target = resolved
         } else if lstat(path, &st) != 0 {
             guard errno == ENOENT else { throw DemoError.usage("\(flag) \(path): \(String(cString: strerror(errno)))") }
-            return try replace(data, at: path, flag: flag)
+            let dir = (path as NSString).deletingLastPathComponent
+            var parent = stat()
+            guard stat(dir.isEmpty ? "." : dir, &parent) == 0, (parent.st_mode & S_IFMT) == S_IFDIR else {
+                throw DemoError.usage("\(flag) \(path): its directory \(dir.isEmpty ? "." : dir) does not exist")
+            }
+            return .replace(target: path)
         }
         switch st.st_mode & S_IFMT {
-        case S_IFREG: try replace(data, at: target, flag: flag)
-        case S_IFIFO, S_IFCHR: try writeThrough(data, to: target, flag: flag)
+        case S_IFREG: return .replace(target: target)
+        case S_IFIFO, S_IFCHR: return .writeThrough(target: target)
         case S_IFDIR: throw DemoError.usage("\(flag) \(path) is a directory")
         default: throw DemoError.usage("\(flag) \(path) is not a regular file, a FIFO or a character device")
+        }
+    }
+
+    static func write(_ data: Data, to path: String, flag: String) throws {
+        switch try plan(path, flag: flag) {
+        case .replace(let target): try replace(data, at: target, flag: flag)
+        case .writeThrough(let target): try writeThrough(data, to: target, flag: flag)
         }
     }
 
@@ -175,13 +198,15 @@ enum OutputFile {
         let tmp = (dir.isEmpty ? "." : dir) + "/.\((path as NSString).lastPathComponent).\(getpid()).tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw DemoError(message: "\(flag) \(path): cannot create a file beside it (\(String(cString: strerror(errno))))") }
+        var open = true
         do {
             try writeAll(fd, data, path: path, flag: flag)
             guard fsync(fd) == 0 else { throw DemoError(message: "\(flag) \(path): sync failed (\(String(cString: strerror(errno))))") }
+            open = false
             close(fd)
             guard rename(tmp, path) == 0 else { throw DemoError(message: "\(flag) \(path): rename failed (\(String(cString: strerror(errno))))") }
         } catch {
-            close(fd)
+            if open { close(fd) }  // closed once: a second close could hit a descriptor reused since
             unlink(tmp)
             throw error
         }

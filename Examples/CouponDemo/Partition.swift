@@ -7,7 +7,7 @@ struct PartitionCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "partition",
         abstract: "Map keys (one a line on standard input) to partitions; prints key<TAB>partition lines.",
-        discussion: "murmur2 is Kafka's default partitioner, bit for bit (Java client, librdkafka, kcat agree); modulo is the seed's couponId % partitions.")
+        discussion: "murmur2 is Kafka's default partitioner, bit for bit (Java client, librdkafka, kcat agree); modulo is couponId % partitions.")
 
     enum Kind: String, ExpressibleByArgument, CaseIterable {
         case modulo, murmur2

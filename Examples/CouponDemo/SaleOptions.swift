@@ -174,7 +174,10 @@ struct SaleOptions: ParsableArguments, Sendable {
             throw bad("--member-id must be 1 to 200 characters without line breaks")
         }
         for (flag, path) in [("--ledger", ledger), ("--requests-out", requestsOut)] {
-            if let path, path.isEmpty { throw bad("\(flag) needs a path") }
+            guard let path else { continue }
+            if path.isEmpty { throw bad("\(flag) needs a path") }
+            // Before the sale, not after it: a directory, a dangling link or a missing parent.
+            do { _ = try OutputFile.plan(path, flag: flag) } catch let e as DemoError { throw bad(e.message) }
         }
         if store == .redis || transport == .redisStreams, let redisURL {
             try RedisURLCheck.validate(redisURL)

@@ -206,9 +206,12 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
         }
         core.startWriter()
         if report.truncatedTailBytes > 0 || !report.salvageActions.isEmpty || !report.incompleteSegments.isEmpty {
+            // The one warning this library logs: once per open, never per operation (swift-log's
+            // guide for libraries allows a one-time startup warning). The report is also
+            // ``recovery`` for the caller to act on.
             logger.warning("file store recovered with repairs", metadata: ["directory": "\(configuration.directory)", "report": "\(report)"])
         } else {
-            logger.info("file store opened", metadata: ["directory": "\(configuration.directory)", "report": "\(report)"])
+            logger.debug("file store opened", metadata: ["directory": "\(configuration.directory)", "report": "\(report)"])
         }
         return FileDedupeStore(configuration: configuration, core: core, recovery: report, clock: clock, logger: logger)
     }
@@ -357,7 +360,9 @@ public final class FileDedupeStore: DedupeStore, Service, @unchecked Sendable {
                 do {
                     try await self.maintain()
                 } catch let e as ExactlyOnceError where e.code != .shutDown {
-                    self.logger.error("file store maintenance failed", metadata: ["error": "\(e)"])
+                    // Recoverable here (the next interval tries again); what fails for good fails
+                    // the store's operations, which throw to their callers.
+                    self.logger.info("file store maintenance failed; trying again at the next interval", metadata: ["error": "\(e)"])
                 }
             }
         }

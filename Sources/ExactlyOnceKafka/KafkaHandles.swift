@@ -5,7 +5,7 @@ import ExactlyOnce
 /// stderr ("3/3 brokers are down" while a cluster restarts or after it is gone). Those errors are
 /// informational: librdkafka retries them, and what they cost reaches the caller through the
 /// operation they affect (a delivery report, a poll, a commit, a metadata request with its
-/// deadline), where the transport maps it to an ``ExactlyOnceError``.
+/// deadline), where the transport maps it to an `ExactlyOnceError`.
 private let ignoreClientError: @convention(c) (OpaquePointer?, Int32, UnsafePointer<CChar>?, UnsafeMutableRawPointer?) -> Void = { _, _, _, _ in }
 
 /// Owns an `rd_kafka_conf_t` until it is handed to `rd_kafka_new` (which takes it over).
@@ -127,23 +127,25 @@ func kafkaErrorText(_ err: rd_kafka_resp_err_t) -> String {
 /// Maps a librdkafka error to the library's codes.
 func kafkaError(_ err: rd_kafka_resp_err_t, _ what: String) -> ExactlyOnceError {
     let text = "\(what): \(kafkaErrorText(err))"
+    // librdkafka's error name (`UNKNOWN_TOPIC_OR_PART`, `_TIMED_OUT`), kept for diagnostics.
+    let cause = ExactlyOnceError.Cause(type: "rd_kafka_resp_err_t", code: String(cString: rd_kafka_err2name(err)))
     switch err {
     case RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART, RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC:
-        return ExactlyOnceError(.unknownTopic, text)
+        return ExactlyOnceError(.unknownTopic, text, cause: cause)
     case RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION:
-        return ExactlyOnceError(.invalidPartition, text)
+        return ExactlyOnceError(.invalidPartition, text, cause: cause)
     case RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION, RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID, RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID:
-        return ExactlyOnceError(.staleGeneration, text)
+        return ExactlyOnceError(.staleGeneration, text, cause: cause)
     case RD_KAFKA_RESP_ERR__TIMED_OUT, RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT, RD_KAFKA_RESP_ERR__MSG_TIMED_OUT:
-        return ExactlyOnceError(.timeout, text)
+        return ExactlyOnceError(.timeout, text, cause: cause)
     case RD_KAFKA_RESP_ERR__INVALID_ARG, RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE, RD_KAFKA_RESP_ERR_INVALID_CONFIG,
          RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED, RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
          RD_KAFKA_RESP_ERR__FATAL, RD_KAFKA_RESP_ERR__FENCED, RD_KAFKA_RESP_ERR_INVALID_RECORD:
-        return ExactlyOnceError(.transportFailure, text)
+        return ExactlyOnceError(.transportFailure, text, cause: cause)
     default:
         // Broker and connection trouble (down, not leader, coordinator moving, rebalancing):
         // trying again later can help.
-        return ExactlyOnceError(.transportUnavailable, text)
+        return ExactlyOnceError(.transportUnavailable, text, cause: cause)
     }
 }
 

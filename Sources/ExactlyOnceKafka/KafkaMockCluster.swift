@@ -20,8 +20,8 @@ public final class KafkaMockCluster: @unchecked Sendable {
     public let brokerCount: Int
 
     /// Starts a cluster of `brokers` brokers on free local ports.
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` for fewer than 1 broker,
-    ///   ``ExactlyOnceError/Code/transportFailure`` when librdkafka cannot start it.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for fewer than 1 broker,
+    ///   `ExactlyOnceError/Code/transportFailure` when librdkafka cannot start it.
     public init(brokers: Int = 3) throws {
         guard (1...32).contains(brokers) else { throw ExactlyOnceError(.invalidConfiguration, "a mock cluster needs 1...32 brokers, got \(brokers)") }
         let conf = try KafkaConf([("log_level", "3")])
@@ -43,7 +43,7 @@ public final class KafkaMockCluster: @unchecked Sendable {
     }
 
     /// Creates `topic` with `partitions` partitions.
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` when the mock refuses it.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` when the mock refuses it.
     public func createTopic(_ topic: String, partitions: Int, replicationFactor: Int = 1) throws {
         guard !topic.isEmpty, (1...10_000).contains(partitions) else {
             throw ExactlyOnceError(.invalidConfiguration, "topic \(topic): name must not be empty, partitions in 1...10000 (got \(partitions))")

@@ -198,7 +198,7 @@ final class ConsumerCore: @unchecked Sendable {
 ///   so everything handed out by the previous poll is finished (and its commit made, or retried
 ///   here) before a partition goes.
 /// - A commit carries the poll's generation; it is refused with
-///   ``ExactlyOnceError/Code/staleGeneration`` for a partition this member does not own, or owns
+///   `ExactlyOnceError/Code/staleGeneration` for a partition this member does not own, or owns
 ///   at a newer epoch, and when the broker refuses it with ILLEGAL_GENERATION or
 ///   UNKNOWN_MEMBER_ID. A commit the broker did not take because the group is rebalancing (or did
 ///   not answer in time) is kept and retried at the next polls while the partition stays this

@@ -13,11 +13,11 @@ func onQueue<T: Sendable>(_ queue: DispatchQueue, _ body: @escaping @Sendable ()
     }
 }
 
-/// A ``MessageTransport`` over Apache Kafka, through librdkafka.
+/// A `MessageTransport` over Apache Kafka, through librdkafka.
 ///
 /// - Publishing: an idempotent producer with `acks=all`; a record is reported accepted only on
 ///   its delivery report, with the offset the broker gave it. Partitions are resolved in Swift
-///   (``Partitioning/murmur2`` is the same partition a Java client, or librdkafka with
+///   (`Partitioning/murmur2` is the same partition a Java client, or librdkafka with
 ///   `partitioner=murmur2_random`, picks for a key) and given to librdkafka explicitly.
 /// - Consuming: one librdkafka consumer per ``KafkaSubscription``, in a consumer group with
 ///   `enable.auto.commit=false`; offsets are committed by ``KafkaSubscription/commit(_:generation:)``
@@ -42,7 +42,7 @@ public final class KafkaTransport: MessageTransport, Sendable {
     let registry = SubscriptionRegistry()
 
     /// Connects (lazily: nothing is sent until the first call) to `configuration`'s cluster.
-    /// - Throws: ``ExactlyOnceError/Code/invalidConfiguration`` for a property librdkafka refuses.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for a property librdkafka refuses.
     public init(configuration: Configuration) throws {
         try configuration.validate()
         self.configuration = configuration

@@ -401,7 +401,7 @@ public final class PostgresDedupeStore: DedupeStore, Service {
                         let n = try await self.purgeExpired()
                         if n > 0 { self.logger.debug("deleted expired dedupe records", metadata: ["count": "\(n)"]) }
                     } catch {
-                        self.logger.warning("retention cleanup failed; trying again later", metadata: ["error": "\(error)"])
+                        self.logger.info("retention cleanup failed; trying again later", metadata: ["error": "\(error)"])
                     }
                 }
                 try? await Task.sleep(for: self.configuration.cleanupInterval)

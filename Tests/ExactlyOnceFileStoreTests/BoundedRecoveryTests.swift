@@ -25,6 +25,10 @@ struct BoundedRecoveryTests {
         var truncatedTailBytes: Int?
         var salvageActions: Int?
         var growthKiB: Int
+        /// Growth of the peak virtual memory: reservations, touched or not.
+        var virtualGrowthKiB: Int
+        /// Whether the child could read its peak virtual memory (Linux's `/proc/self/status`).
+        var virtualPeakKnown: Bool
         var seconds: Double
     }
 
@@ -44,7 +48,10 @@ struct BoundedRecoveryTests {
         return Opened(ok: json["ok"] as? Bool ?? false, code: json["code"] as? String, message: json["message"] as? String,
                       records: json["records"] as? Int, counter: json["counter"] as? Int,
                       truncatedTailBytes: json["truncatedTailBytes"] as? Int, salvageActions: json["salvageActions"] as? Int,
-                      growthKiB: after - before, seconds: json["seconds"] as? Double ?? .infinity)
+                      growthKiB: after - before,
+                      virtualGrowthKiB: (json["peakVirtualKiBAfter"] as? Int ?? Int.max) - (json["peakVirtualKiBBefore"] as? Int ?? 0),
+                      virtualPeakKnown: (json["peakVirtualKiBBefore"] as? Int ?? -1) > 0,
+                      seconds: json["seconds"] as? Double ?? .infinity)
     }
 
     static func setSize(_ path: String, _ size: Int) throws {
@@ -137,5 +144,30 @@ struct BoundedRecoveryTests {
         guard let opened = try await Self.openInChild(dir) else { return }
         #expect(opened.ok && opened.records == 10, "\(String(describing: opened.message))")
         #expect(opened.growthKiB < Self.allowedGrowthKiB)
+    }
+
+    /// The same absurd hint in front of a journal whose bytes are really there (a dense tail of
+    /// zeros, 512 MiB, which by their size alone could hold 30 M records): recovery reserves a
+    /// bounded index, not one sized by the file. Peak *virtual* memory is checked, since an
+    /// untouched reservation is not resident but is what fails and aborts on a large file.
+    @Test func absurdHintsBeforeADenseFileReserveABoundedIndex() async throws {
+        let dir = try TempDirectory()
+        defer { dir.cleanup() }
+        var (bytes, _) = try await CorruptionTests.journal(dir, keys: 10)
+        bytes.replaceSubrange(0..<JournalFormat.headerSize, with: JournalFormat.header(generation: 1, recordsHint: 1 << 40, stateHint: 1 << 40))
+        try CorruptionTests.write(bytes, to: dir.journal)
+        let tail = 512 << 20
+        let zeros = [UInt8](repeating: 0, count: 4 << 20)
+        for at in stride(from: bytes.count, to: bytes.count + tail, by: zeros.count) {
+            try Self.write(zeros, at: at, to: dir.journal)
+        }
+        guard let opened = try await Self.openInChild(dir) else { return }
+        #expect(opened.ok && opened.records == 10 && opened.counter == 10, "\(String(describing: opened.message))")
+        #expect(opened.truncatedTailBytes == tail)
+        #expect(opened.growthKiB < Self.allowedGrowthKiB, "peak memory grew by \(opened.growthKiB) KiB")
+        #expect(opened.virtualPeakKnown, "the child read its peak virtual memory")
+        // About 0.3 GiB here (thread stacks, malloc arenas, a bounded index); the file's size
+        // taken as the index's would reserve about 12 GiB.
+        #expect(opened.virtualGrowthKiB < 1024 * 1024, "peak virtual memory grew by \(opened.virtualGrowthKiB) KiB opening a dense 512 MiB journal")
     }
 }

@@ -265,3 +265,22 @@ struct FileStoreTests {
         await again.close()
     }
 }
+
+/// I/O errors keep their errno as the cause (its symbolic name, for diagnostics), and the
+/// message names the path.
+@Suite struct FileStoreErrorCauseTests {
+    @Test func anIOFailureKeepsItsErrnoAsTheCause() async throws {
+        let dir = try TempDirectory()
+        defer { dir.cleanup() }
+        // A directory where the journal file should be: opening it for writing fails with EISDIR.
+        try FileManager.default.createDirectory(atPath: JournalCore.segmentPath(dir.path, 1), withIntermediateDirectories: false)
+        do {
+            _ = try await FileDedupeStore.open(FileStoreConfiguration(directory: dir.path))
+            Issue.record("opening a store whose journal is a directory must fail")
+        } catch let e as ExactlyOnceError {
+            #expect(e.code == .ioFailure || e.code == .corruptData, "\(e)")
+            #expect(e.cause == ExactlyOnceError.Cause(type: "POSIXErrorCode", code: "EISDIR"), "\(e)")
+            #expect(e.message.contains(dir.path), "\(e)")
+        }
+    }
+}

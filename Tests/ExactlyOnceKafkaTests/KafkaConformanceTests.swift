@@ -1,3 +1,4 @@
+import CRdKafka
 import ExactlyOnce
 import ExactlyOnceTestKit
 import Testing
@@ -35,5 +36,20 @@ struct KafkaConformanceTests {
             try SharedMock.cluster.createTopic(topic, partitions: partitions)
             return transport
         }, topicPrefix: "kconf-\(UInt64.random(in: 0...UInt64.max))-")
+    }
+
+    /// librdkafka's errors map to the library's codes, and keep librdkafka's error name as the
+    /// cause (never the broker's message): an unknown topic or a refused configuration is not
+    /// retriable, a broker that is down is.
+    @Test func librdkafkaErrorsKeepTheirNameAsTheCause() {
+        let unknown = kafkaError(RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART, "publish")
+        #expect(unknown.code == .unknownTopic && !unknown.isRetriable)
+        #expect(unknown.cause == ExactlyOnceError.Cause(type: "rd_kafka_resp_err_t", code: "UNKNOWN_TOPIC_OR_PART"))
+        let config = kafkaError(RD_KAFKA_RESP_ERR_INVALID_CONFIG, "create topic")
+        #expect(config.code == .transportFailure && !config.isRetriable && config.cause?.code == "INVALID_CONFIG")
+        let down = kafkaError(RD_KAFKA_RESP_ERR__TRANSPORT, "poll")
+        #expect(down.code == .transportUnavailable && down.isRetriable && down.cause?.code == "_TRANSPORT")
+        let stale = kafkaError(RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION, "commit")
+        #expect(stale.code == .staleGeneration && stale.cause?.code == "ILLEGAL_GENERATION")
     }
 }

@@ -214,6 +214,20 @@ struct RedisCorruptingProxyTests {
                 #expect(Set(issued.map(\.memberId)).count == issued.count, "coupon \(coupon) issued twice to one member")
                 #expect(Set(issued.map(\.memberId)) == Set(firstMembers.prefix(Int(limit))), "coupon \(coupon): not first come, first served")
             }
+            // No record lost anywhere in the sale (not only among the winners): every distinct
+            // key published has a completed record in the store, with an outcome.
+            let keys = Array(Set(requests.map(\.key)))
+            var finished = 0
+            for start in stride(from: 0, to: keys.count, by: 256) {
+                let chunk = Array(keys[start..<min(keys.count, start + 256)])
+                let records = try await store.records(for: chunk)
+                for key in chunk {
+                    let record = records[key]
+                    #expect(record?.phase == .completed && record?.outcome != nil, "\(key) was published but never finished: \(String(describing: record))")
+                    if record?.phase == .completed { finished += 1 }
+                }
+            }
+            #expect(finished == keys.count)
             print("corrupting proxy: \(proxy.corrupted.load(ordering: .relaxed)) of \(proxy.forwarded.load(ordering: .relaxed)) chunks damaged, \(publishRetries) publish retries, \(failedSteps) failed steps")
         }
     }

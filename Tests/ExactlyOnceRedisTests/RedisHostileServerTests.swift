@@ -2,6 +2,7 @@ import ExactlyOnce
 import Foundation
 import Logging
 import Synchronization
+import TestSupport
 import Testing
 @testable import ExactlyOnceRedis
 
@@ -234,6 +235,22 @@ struct RedisHostileServerTests {
         let transportError = await #expect(throws: ExactlyOnceError.self) { _ = try await transport.partitionCount(of: "t") }
         #expect(transportError?.code == .transportUnavailable)
         #expect(clock.now - start < .seconds(15))
+    }
+
+    /// The demo against a server that accepts and never answers (the adversarial run saw 103 s
+    /// before an error): a clear error naming the endpoint, exit status 1, in a few seconds.
+    @Test func theDemoAgainstASilentServerFailsClearlyInBoundedTime() async throws {
+        let server = try HostileServer(.silent)
+        defer { server.stop() }
+        let start = ContinuousClock.now
+        let r = try await ChildProcess.run(ChildProcess.builtProduct("coupon-demo"), [
+            "--store", "redis", "--transport", "redis-streams", "--redis-url", "redis://127.0.0.1:\(server.port)",
+            "--requests", "100", "--json",
+        ])
+        let elapsed = ContinuousClock.now - start
+        #expect(r.status == 1, "\(r.out) \(r.err)")
+        #expect(r.err.contains("127.0.0.1:\(server.port)"), "the error names the endpoint: \(r.err)")
+        #expect(elapsed < .seconds(30), "gave up after \(elapsed) (a few seconds expected on an idle machine)")
     }
 
     @Test func replyLimitsAreValidated() {

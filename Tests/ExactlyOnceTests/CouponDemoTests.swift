@@ -199,6 +199,49 @@ import Testing
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasSuffix(".tmp") }.isEmpty)
     }
 
+    /// An output path that cannot be written is a bad flag, refused before the sale runs (a
+    /// sale of 5 M requests would take minutes; the refusal comes at once, with no summary).
+    @Test func badOutputPathsAreRefusedBeforeTheSale() async throws {
+        let dir = try ScratchDirectory("demo-out-early")
+        defer { dir.cleanup() }
+        let dangling = dir.path + "/dangling.jsonl"
+        try FileManager.default.createSymbolicLink(atPath: dangling, withDestinationPath: dir.path + "/nowhere/file")
+        for (args, says) in [
+            (["--ledger", dir.path], "is a directory"),
+            (["--requests-out", dangling], "symbolic link to nothing"),
+            (["--ledger", dir.path + "/missing/ledger.jsonl"], "does not exist"),
+        ] {
+            let start = ContinuousClock.now
+            let r = try await Self.run(["--requests", "5000000", "--json"] + args)
+            #expect(r.status == 2, "\(args): \(r.err)")
+            #expect(r.err.contains(says), "\(args): \(r.err)")
+            #expect(r.out.isEmpty, "refused before the sale: \(r.out)")
+            #expect(ContinuousClock.now - start < .seconds(20), "\(args)")
+        }
+    }
+
+    /// The same sale flags on the same durable store, first on one transport and then on
+    /// another, are two sales (the sale's identity includes the transport): the second is not
+    /// fenced by the epochs the first left in the store, and both audit clean.
+    @Test func oneStoreTwoTransportsAreTwoSalesBothClean() async throws {
+        let dir = try ScratchDirectory("demo-two-transports")
+        defer { dir.cleanup() }
+        let common = ["--json", "--requests", "800", "--coupons", "2", "--stock", "30", "--members", "200",
+                      "--crash-rate", "0.005", "--seed", "11", "--store", "file", "--data-dir", dir.path]
+        var sales: [String] = []
+        for transport in ["memory", "kafka"] {
+            let r = try await Self.run(common + ["--transport", transport])
+            #expect(r.status == 0, "\(transport): \(r.err)")
+            let json = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any], "\(transport): \(r.out) \(r.err)")
+            for field in ["overIssued", "doubleIssued", "lost", "fcfsViolations"] {
+                #expect(json[field] as? Int == 0, "\(transport): \(field) in \(r.out)")
+            }
+            #expect(json["issued"] as? Int == 60, "\(transport): \(r.out)")
+            sales.append(json["sale"] as? String ?? "")
+        }
+        #expect(sales[0] != sales[1] && !sales[0].isEmpty, "two transports, two sales: \(sales)")
+    }
+
     /// Flags a sale cannot serve get the same clear message and exit status as other bad flags.
     @Test func flagsASaleCannotServeAreRefused() async throws {
         let file = try ScratchDirectory("demo-flags")

@@ -1,4 +1,5 @@
 import CouponKit
+import Foundation
 import ExactlyOnce
 import ExactlyOnceTestKit
 import Logging
@@ -77,6 +78,38 @@ final class CountingTransport: MessageTransport {
         #expect(t.joins.load(ordering: .relaxed) == 1)
         #expect(t.closes.load(ordering: .relaxed) == 1)
         #expect(t.base.assignment(group: "g", topic: "coupons").isEmpty, "no member is left in the group")
+    }
+
+    /// A graceful shutdown while the lanes wait out a store outage (a backoff of 30 s here) ends
+    /// the wait at once: the service leaves the group in well under the backoff.
+    @Test func gracefulShutdownDuringAnOutageBackoffReturnsPromptly() async throws {
+        let t = CountingTransport(base: try InMemoryTransport(topics: ["coupons": 2, "coupons.dlq": 1]))
+        let claims = Mutex(0)
+        let store = FaultyStore(try InMemoryDedupeStore()) { op in
+            guard op == .claim else { return .none }
+            claims.withLock { $0 += 1 }
+            return .failBefore
+        }
+        var c = config("svc")
+        c.pollWait = .milliseconds(5)
+        c.unavailableBackoff.initial = .seconds(30)
+        c.unavailableBackoff.maximum = .seconds(30)
+        let consumer = try ExactlyOnceConsumer(transport: t, store: store, configuration: c, logger: quietLogger,
+                                               key: CouponRequest.keyExtractor, handler: CouponIssuer(stock: [1: 10]).handler)
+        _ = try await t.publish(CouponRequest(requestId: 1, couponId: 1, memberId: 1).outgoing, to: "coupons", partitioning: .modulo)
+        let group = ServiceGroup(configuration: .init(services: [consumer], logger: quietLogger))
+        let elapsed = try await ContinuousClock().measure {
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await group.run() }
+                try await Self.waitUntil { claims.withLock { $0 } > 0 }
+                try await Task.sleep(for: .milliseconds(200))  // the step is now in its backoff
+                await group.triggerGracefulShutdown()
+                try await tasks.waitForAll()
+            }
+        }
+        #expect(claims.withLock { $0 } == 1, "one claim, then the backoff")
+        #expect(elapsed < .seconds(10), "the shutdown waited out the backoff: \(elapsed)")
+        #expect(t.closes.load(ordering: .relaxed) == 1)
     }
 
     @Test func cancellationLeavesTheGroup() async throws {
@@ -251,5 +284,27 @@ final class CapturingLogs: Sendable {
         let infos = entries.filter { $0.0 == .info }.map(\.1)
         #expect(infos.count < 10, "per-record events are not info either: \(infos)")
         #expect(entries.contains { $0.0 == .debug && $0.1.contains("retrying") }, "handler retries are logged at debug")
+    }
+
+    /// Every library module's log calls, read from the sources: nothing above info, except the
+    /// one-time startup warning the guide allows (a file store that recovered with repairs).
+    /// A new `logger.warning`/`error`/`critical`/`notice` anywhere in `Sources/` fails here.
+    @Test func theLibrariesLogAtInfoOrBelow() throws {
+        let sources = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Sources").standardized
+        let allowed = ["file store recovered with repairs"]
+        let files = try #require(FileManager.default.enumerator(at: sources, includingPropertiesForKeys: nil))
+        var scanned = 0
+        var loud: [String] = []
+        for case let url as URL in files where url.pathExtension == "swift" {
+            scanned += 1
+            let lines = try String(contentsOf: url, encoding: .utf8).split(separator: "\n", omittingEmptySubsequences: false)
+            for (n, line) in lines.enumerated() {
+                guard line.range(of: #"logger\??\.(notice|warning|error|critical)\("#, options: .regularExpression) != nil else { continue }
+                if allowed.contains(where: { line.contains($0) }) { continue }
+                loud.append("\(url.lastPathComponent):\(n + 1): \(line.trimmingCharacters(in: .whitespaces))")
+            }
+        }
+        #expect(scanned > 50, "the library sources were found at \(sources.path)")
+        #expect(loud.isEmpty, "log calls above info in the libraries: \(loud)")
     }
 }

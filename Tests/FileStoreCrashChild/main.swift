@@ -29,10 +29,20 @@ func peakResidentKiB() -> Int {
     return Int(usage.ru_maxrss)
 }
 
+/// The process's peak virtual memory (`VmPeak`), which counts reservations never touched: a
+/// multi-gigabyte reservation shows here even when it is not resident (and may fail outright).
+func peakVirtualKiB() -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return -1 }
+    for line in status.split(separator: "\n") where line.hasPrefix("VmPeak:") {
+        return Int(line.dropFirst("VmPeak:".count).split(whereSeparator: { $0 == " " || $0 == "\t" }).first ?? "") ?? -1
+    }
+    return -1
+}
+
 if args.count >= 3 && args[1] == "open" {
     var config = FileStoreConfiguration(directory: args[2])
     config.salvage = args.count > 3 && args[3] == "salvage"
-    var out: [String: Any] = ["peakKiBBefore": peakResidentKiB()]
+    var out: [String: Any] = ["peakKiBBefore": peakResidentKiB(), "peakVirtualKiBBefore": peakVirtualKiB()]
     let start = ContinuousClock.now
     do {
         let store = try await FileDedupeStore.open(config)
@@ -51,6 +61,7 @@ if args.count >= 3 && args[1] == "open" {
     let elapsed = ContinuousClock.now - start
     out["seconds"] = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
     out["peakKiBAfter"] = peakResidentKiB()
+    out["peakVirtualKiBAfter"] = peakVirtualKiB()
     let json = try JSONSerialization.data(withJSONObject: out, options: [.sortedKeys])
     FileHandle.standardOutput.write(json + Data("\n".utf8))
     exit(0)

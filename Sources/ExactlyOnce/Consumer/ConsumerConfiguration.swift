@@ -30,8 +30,8 @@ public struct Backoff: Sendable, Hashable {
 
 /// In which order a consumer handles the records of one partition.
 ///
-/// - ``partition``: one record at a time per partition, in offset order (the seed's design and
-///   Kafka's usual consumer). Lanes of different partitions run in parallel.
+/// - ``partition``: one record at a time per partition, in offset order (the log-based
+///   design's lane, and Kafka's usual consumer). Lanes of different partitions run in parallel.
 /// - ``key(maxConcurrency:)``: records with the same record key (the coupon id) stay in
 ///   publish order, and records of different keys in one partition run concurrently, up to
 ///   `maxConcurrency` keys at once (what Confluent's Parallel Consumer calls KEY ordering).

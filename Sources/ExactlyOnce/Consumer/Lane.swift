@@ -296,7 +296,7 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
     private mutating func handle(_ i: Int) async throws -> Step {
         let record = records[i]
         guard let identity = identities[i] else {
-            if let stop = await deadLetter(record, key: nil, reason: "malformed record: no valid idempotency key") { return .stop(stop) }
+            if let stop = try await deadLetter(record, key: nil, reason: "malformed record: no valid idempotency key") { return .stop(stop) }
             result.report.deadLettered += 1
             return .done
         }
@@ -332,7 +332,7 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
                 c.logger.info("idempotency key reused with a different payload; dead-lettering", metadata: [
                     "key": "\(identity.key)", "partition": "\(record.partition)", "offset": "\(record.offset)",
                 ])
-                if let stop = await deadLetter(record, key: identity.key, reason: "conflict: key reused with a different payload") { return .stop(stop) }
+                if let stop = try await deadLetter(record, key: identity.key, reason: "conflict: key reused with a different payload") { return .stop(stop) }
                 result.report.deadLettered += 1
                 return .done
             case .inProgress:
@@ -341,7 +341,7 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
                 if claim.attempt > 1 && retry == 0 { c.metrics.leaseExpiries.increment() }
                 if claim.attempt > c.configuration.maxAttempts {
                     let reason = "gave up after \(claim.attempt - 1) attempts"
-                    if let stop = await deadLetter(record, key: identity.key, reason: reason) { return .stop(stop) }
+                    if let stop = try await deadLetter(record, key: identity.key, reason: reason) { return .stop(stop) }
                     result.report.deadLettered += 1
                     let outcome = Outcome(status: .deadLettered, detail: Array(reason.utf8))
                     do {
@@ -457,7 +457,8 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
     /// Publishes the record to the dead-letter topic. The caller completes its claim (if any)
     /// with a dead-lettered outcome, so a redelivery is answered, not dead-lettered again.
     /// Returns why the sequence must stop when the publish failed.
-    private func deadLetter(_ record: ConsumedRecord, key: IdempotencyKey?, reason: String) async -> LaneStop? {
+    /// Cancellation is thrown (the sequence ends as a crash would), never taken for an outage.
+    private func deadLetter(_ record: ConsumedRecord, key: IdempotencyKey?, reason: String) async throws -> LaneStop? {
         let c = consumer
         var headers = record.headers
         headers[DeadLetterHeaders.reason] = reason
@@ -471,6 +472,8 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
         } catch let e as ExactlyOnceError {
             c.logger.info("dead-letter publish failed; pausing the lane", metadata: ["partition": "\(record.partition)", "error": "\(e)"])
             return .after(e)
+        } catch is CancellationError {
+            throw CancellationError()
         } catch {
             return .pause
         }

@@ -26,7 +26,7 @@ func validatePartitionCount(_ count: Int) throws {
     }
 }
 
-/// The seed's strategy: the key is a decimal, non-negative integer (the coupon id) and the
+/// The coupon sale's classic strategy: the key is a decimal, non-negative integer (the coupon id) and the
 /// partition is `id % partitionCount`. Keeps all of one coupon's events in one partition.
 public struct ModuloPartitioner: Partitioner {
     /// Creates the partitioner.
@@ -123,7 +123,7 @@ public struct Partitioning: Sendable {
     public static func keyed(_ partitioner: any Partitioner) -> Partitioning { Partitioning(kind: .keyed(partitioner)) }
     /// Always `partition` (validated against the topic's partition count at publish time).
     public static func explicit(_ partition: PartitionID) -> Partitioning { Partitioning(kind: .explicit(partition)) }
-    /// ``ModuloPartitioner`` over the key (the seed's `couponId % partitionCount`).
+    /// ``ModuloPartitioner`` over the key (`couponId % partitionCount`).
     public static var modulo: Partitioning { .keyed(ModuloPartitioner()) }
     /// ``Murmur2Partitioner`` over the key (Kafka-compatible).
     public static var murmur2: Partitioning { .keyed(Murmur2Partitioner()) }

@@ -11,7 +11,12 @@ enum Files {
     static func error(_ what: String, _ path: String, code: ExactlyOnceError.Code = .ioFailure) -> ExactlyOnceError {
         let e = errno
         let reason = String(cString: strerror(e))
-        return ExactlyOnceError(code, "\(what) \(path): \(reason) (errno \(e))")
+        return ExactlyOnceError(code, "\(what) \(path): \(reason) (errno \(e))", cause: cause(errno: e))
+    }
+
+    /// The cause kept for diagnostics: `POSIXErrorCode` and the errno's symbolic name.
+    static func cause(errno e: Int32) -> ExactlyOnceError.Cause {
+        ExactlyOnceError.Cause(type: "POSIXErrorCode", code: POSIXErrorCode(rawValue: e).map { "\($0)" } ?? "\(e)")
     }
 
     /// Opens (creating with mode 0600 when `create`) for reading and appending writes.

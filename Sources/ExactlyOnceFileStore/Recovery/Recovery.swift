@@ -9,6 +9,10 @@ import Foundation
 /// the older one used. An incomplete segment with no older one to fall back to is refused, so a
 /// header-only file can never make recovery drop the real journal or start the sale over.
 enum Recovery {
+    /// The most index entries a journal header's hint reserves before replay (about 10 MiB of
+    /// index); a larger snapshot grows the index as its records are replayed.
+    static let maximumUpFrontReservation: UInt64 = 1 << 16
+
     static func open(_ configuration: FileStoreConfiguration) throws -> (JournalCore, RecoveryReport) {
         var directory = configuration.directory
         if !directory.hasPrefix("/") { directory = FileManager.default.currentDirectoryPath + "/" + directory }
@@ -175,10 +179,12 @@ enum Recovery {
             throw ExactlyOnceError(.corruptData, "journal \(path) says generation \(header.generation) but is named for \(generation); nothing was changed")
         }
         // Room for the snapshot's records up front, bounded by what the file's allocated bytes
-        // could hold: a hint, never a size taken on trust.
+        // could hold and by a constant: a hint, never a size taken on trust (a header's checksum
+        // is not a signature, and a dense file of gibibytes could justify gigabytes of index).
+        // Beyond the constant the index grows with the live records it replays (`growIndex`).
         let hint = max(header.recordsHint, header.stateHint)
         let plausible = UInt64(reader.allocatedBytes / JournalFormat.minimumStateChange)
-        scanner.machine.reserveCapacity(Int(min(hint, plausible)))
+        scanner.machine.reserveCapacity(Int(min(hint, plausible, Self.maximumUpFrontReservation)))
         let outcome = header.version == 1 ? try scanner.scanVersion1(from: header.size) : try scanner.scanVersion2(from: header.size)
         return (scanner, outcome, header.version)
     }

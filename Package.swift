@@ -68,8 +68,9 @@ let package = Package(
         .executableTarget(
             name: "ExactlyOnceAdmin",
             dependencies: [
-                "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis",
+                "ExactlyOnce", "ExactlyOnceFileStore", "ExactlyOnceRedis", "ExactlyOnceKafka",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .target(name: "ExactlyOncePostgres", condition: .when(traits: ["Postgres"])),
             ],
             path: "Tools/ExactlyOnceAdmin"
         ),

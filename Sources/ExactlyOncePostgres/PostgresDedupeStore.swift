@@ -89,6 +89,11 @@ public final class PostgresDedupeStore: DedupeStore, Service {
             _ = try await pool.run("BEGIN", on: c)
             do {
                 _ = try await pool.run("SELECT pg_advisory_xact_lock(hashtext(\("exactly-once-schema:" + schema))::bigint)", on: c)
+                if !configuration.createsSchema {
+                    let found = try await pool.run("SELECT to_regclass(\(schema + ".meta")::text)::text", on: c)
+                    let table = try found.first?.decode(String?.self) ?? nil
+                    guard table != nil else { throw Self.noStore(schema) }
+                }
                 _ = try await pool.run(PostgresQuery(unsafeSQL: "CREATE SCHEMA IF NOT EXISTS \(s)"), on: c)
                 _ = try await pool.run(PostgresQuery(unsafeSQL: "CREATE TABLE IF NOT EXISTS \(s).meta (name text PRIMARY KEY, value text NOT NULL)"), on: c)
                 let rows = try await pool.run(PostgresQuery(unsafeSQL: "SELECT value FROM \(s).meta WHERE name = 'schema_version'"), on: c)
@@ -98,6 +103,7 @@ public final class PostgresDedupeStore: DedupeStore, Service {
                         throw ExactlyOnceError(.storeFailure, "PostgreSQL schema \(schema) has version \(found.prefix(20)); this store knows version \(PostgresSchema.version) only and leaves it as it is (upgrade the library, or use another schema)")
                     }
                 } else {
+                    guard configuration.createsSchema else { throw Self.noStore(schema) }
                     let others = try await pool.run("""
                         SELECT count(*)::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                         WHERE n.nspname = \(schema) AND c.relname NOT IN ('meta', 'meta_pkey')
@@ -118,6 +124,11 @@ public final class PostgresDedupeStore: DedupeStore, Service {
                 throw error
             }
         }
+    }
+
+    /// The error for a schema without a store, when the configuration does not create one.
+    static func noStore(_ schema: String) -> ExactlyOnceError {
+        ExactlyOnceError(.invalidConfiguration, "PostgreSQL schema \(schema) holds no exactly-once store (and this configuration does not create one)")
     }
 
     /// The schema version this store creates and reads.

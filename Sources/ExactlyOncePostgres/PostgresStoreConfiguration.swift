@@ -38,6 +38,11 @@ public struct PostgresStoreConfiguration: Sendable, CustomStringConvertible, Cus
     /// creates it when absent. A lowercase SQL identifier (`[a-z_][a-z0-9_]*`, at most 63 bytes).
     /// Default: `exactly_once`.
     public var schema: String = "exactly_once"
+    /// Whether ``PostgresDedupeStore/connect(_:clock:logger:)`` creates ``schema`` and the
+    /// store's tables when they are absent. Set it to false to open an existing store only (an
+    /// inspection tool must not leave an empty store behind a mistyped name): a schema without
+    /// the store's tables then throws `ExactlyOnceError/Code/invalidConfiguration`. Default: true.
+    public var createsSchema: Bool = true
     /// Connections the store opens at most: claims, releases and reads take one for a call; a
     /// lane's completion batch holds one from its first handler to its commit. Give it at least
     /// one more than the lanes that run at once. Default: 8.

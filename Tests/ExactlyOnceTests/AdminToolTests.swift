@@ -42,6 +42,16 @@ import Testing
         let missing = try await ChildProcess.run(Self.admin, ["key", "999:999"] + backend)
         #expect(missing.status == 1 && missing.err.contains("no record of key 999:999"))
         let bad = try await ChildProcess.run(Self.admin, ["lag", "--store", "memory"])
-        #expect(bad.status == 2 && bad.err.contains("in-memory"))
+        #expect(bad.status == 2 && bad.err.contains("an in-memory store lives inside the process that runs it"), "\(bad.err)")
+        let memoryTransport = try await ChildProcess.run(Self.admin, ["dlq", "list", "--transport", "memory"] + backend)
+        #expect(memoryTransport.status == 2 && memoryTransport.err.contains("an in-memory transport lives inside the process that runs it"), "\(memoryTransport.err)")
+        let noDir = try await ChildProcess.run(Self.admin, ["key", key, "--store", "file"])
+        #expect(noDir.status == 2 && noDir.err.contains("--store file needs --data-dir"), "\(noDir.err)")
+        let badLimit = try await ChildProcess.run(Self.admin, ["keys", "--limit", "0"] + backend)
+        #expect(badLimit.status == 2 && badLimit.err.contains("--limit must be in 1...10000"), "\(badLimit.err)")
+        let badSale = try await ChildProcess.run(Self.admin, ["key", key, "--store", "file", "--data-dir", dir.path, "--sale", "../x"])
+        #expect(badSale.status == 2 && badSale.err.contains("--sale must be a sale id"), "\(badSale.err)")
+        let stray = try await ChildProcess.run(Self.admin, ["key", key, "--kafka-brokers", "h:1"] + backend)
+        #expect(stray.status == 2 && stray.err.contains("--kafka-brokers is used with --transport kafka"), "\(stray.err)")
     }
 }

@@ -518,4 +518,7 @@ public enum DeadLetterHeaders {
     public static let originalOffset = "x-original-offset"
     /// Its idempotency key, when it had one.
     public static let idempotencyKey = "x-idempotency-key"
+    /// On a record republished by ``DeadLetterQueue/replay(_:)``: the dead letter it came from
+    /// (`<topic>/<partition>@<offset>`); kept when the replay is dead-lettered again.
+    public static let replayedFrom = "x-replayed-from"
 }

@@ -278,7 +278,23 @@ public final class PostgresDedupeStore: DedupeStore, Service {
         let (sc, ep) = try Self.epoch(claim.fence)
         let token = Int64(truncatingIfNeeded: claim.token.rawValue)
         let q: PostgresQuery = "SELECT \(unescaped: s).release(\(claim.key.rawValue), \(token), \(sc), \(ep), \(String(reason.prefix(512))))"
-        _ = try await operation("releasing") { c in try await pool.run(q, on: c) }
+        // The release charges the attempt the claim stood for (an uncharged prefetch that ran
+        // its handler counts as an attempt), in the same transaction.
+        let charge: PostgresQuery = """
+            UPDATE \(unescaped: s).records SET attempts = GREATEST(attempts, \(Int32(clamping: claim.attempt)))
+            WHERE key = \(claim.key.rawValue) AND token = \(token)
+            """
+        _ = try await operation("releasing") { c in
+            _ = try await pool.run("BEGIN", on: c)
+            do {
+                _ = try await pool.run(q, on: c)
+                _ = try await pool.run(charge, on: c)
+                _ = try await pool.run("COMMIT", on: c)
+            } catch {
+                _ = try? await pool.run("ROLLBACK", on: c)
+                throw error
+            }
+        }
     }
 
     public func readState(_ keys: [String]) async throws -> [String: VersionedValue] {

@@ -174,19 +174,23 @@ enum DedupeScripts {
     return out
     """)
 
-    /// KEYS: fence hash, record. ARGV: now, token, has-fence, scope, epoch, reason.
-    /// Reply: `{'OK'}` or `{'FENCED', reason, detail}`.
+    /// KEYS: fence hash, record. ARGV: now, token, has-fence, scope, epoch, reason, attempt.
+    /// Reply: `{'OK'}` or `{'FENCED', reason, detail}`. Charges the claim's attempt: the
+    /// record's attempts become at least ARGV[7].
     static let release = RedisScript("dedupe.release", helpers + """
     if ARGV[3] == '1' then
       local seen = redis.call('HGET', KEYS[1], ARGV[4])
       if seen and older(ARGV[5], seen) then return {'FENCED', 'epoch', seen} end
     end
-    local r = redis.call('HMGET', KEYS[2], 'tok', 'ph')
+    local r = redis.call('HMGET', KEYS[2], 'tok', 'ph', 'at')
     if not r[1] then return {'FENCED', 'missing', ''} end
     if r[1] ~= ARGV[2] then return {'FENCED', 'superseded', r[1]} end
     if r[2] == '2' then return {'OK'} end
     if r[2] ~= '1' then return {'FENCED', 'completed', ''} end
-    redis.call('HSET', KEYS[2], 'ph', '2', 'lf', ARGV[6])
+    local at = tonumber(r[3] or '0') or 0
+    local charged = tonumber(ARGV[7] or '0') or 0
+    if charged > at then at = charged end
+    redis.call('HSET', KEYS[2], 'ph', '2', 'lf', ARGV[6], 'at', tostring(at))
     return {'OK'}
     """)
 

@@ -165,6 +165,7 @@ public final class RedisDedupeStore: DedupeStore {
         var args: [[UInt8]] = [Self.decimal(now.milliseconds), Self.decimal(claim.token.rawValue)]
         Self.appendFence(claim.fence, to: &args)
         args.append(Array(String(reason.prefix(512)).utf8))
+        args.append(Self.decimal(UInt64(max(0, claim.attempt))))
         let reply = try await evaluate(DedupeScripts.release, [([fencesKey, recordKey(claim.key)], args)])[0]
         if let failure = try Self.decodeStep(reply, claim: claim, readKeys: []) { throw failure }
     }

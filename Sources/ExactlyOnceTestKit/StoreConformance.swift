@@ -17,7 +17,7 @@ public enum StoreConformance {
         "new-then-in-progress", "complete-then-replay", "negative-outcome-replay", "conflict",
         "release-keeps-attempts", "lease-expiry-takeover", "zombie-refused", "idempotent-complete",
         "effects-atomic", "transaction-conflict", "partition-fence", "fence-scopes-independent", "batch-order", "records",
-        "prefetch-charges-first-grant", "batch-completion-prefix", "reopen-dead-lettered", "list-records",
+        "prefetch-charges-first-grant", "release-charges-a-prefetch", "batch-completion-prefix", "reopen-dead-lettered", "list-records",
     ]
 
     /// The checks of a store's `CompletionBatch` (run by `run(makeStore:)` when the store's
@@ -398,6 +398,26 @@ public enum StoreConformance {
             let recs = try await store.records(for: [key("p1"), key("p2"), key("p3")])
             try require(recs[key("p1")]?.attempts == 3 && recs[key("p2")]?.attempts == 0 && recs[key("p3")]?.attempts == 0, check,
                         "stored attempts: \(recs.mapValues(\.attempts))")
+
+        case "release-charges-a-prefetch":
+            // A prefetch granted behind another grant is not charged; once its handler ran and
+            // failed, the release charges it, so the next claim is its second attempt (a poison
+            // record gets maxAttempts handler runs, not one more).
+            let batch = ["head", "poison"].map { ClaimRequest(key: key($0), fingerprint: fp1, lease: lease, prefetch: true) }
+            let first = try await store.claim(batch)
+            guard case .new(let head) = first[0], case .new(let poison) = first[1] else {
+                throw ConformanceFailure(check: check, detail: "unexpected answers \(first)")
+            }
+            try require(head.attempt == 1 && poison.attempt == 1, check, "both are first attempts from the caller's view")
+            try require(try await store.records(for: [key("poison")])[key("poison")]?.attempts == 0, check, "the prefetch is not charged when granted")
+            try await store.complete(Completion(claim: head, outcome: .applied()))
+            try await store.release(poison, reason: "boom")
+            try require(try await store.records(for: [key("poison")])[key("poison")]?.attempts == 1, check, "the release charges the attempt that ran")
+            let again = try await claimNew(store, key("poison"), check: check)
+            try require(again.attempt == 2, check, "the claim after the release is attempt 2, got \(again.attempt)")
+            try await store.release(again, reason: "boom")
+            let third = try await claimNew(store, key("poison"), check: check)
+            try require(third.attempt == 3, check, "then attempt 3, got \(third.attempt)")
 
         default:
             throw ConformanceFailure(check: check, detail: "unknown check")

@@ -119,6 +119,33 @@ func config(_ member: String, topic: String = "coupons") -> ConsumerConfiguratio
         #expect(dlq.first?.headers["x-idempotency-key"] == "1:66")
     }
 
+    /// A poison record behind good ones in the same poll is claimed ahead (uncharged); its
+    /// handler still runs exactly `maxAttempts` times before it is dead-lettered, not one more.
+    @Test func aPoisonRecordBehindGoodOnesRunsExactlyMaxAttemptsTimes() async throws {
+        struct Boom: Error {}
+        let t = try InMemoryTransport(topics: ["coupons": 1, "coupons.dlq": 1])
+        let store = try InMemoryDedupeStore()
+        for m in [1, 2, 3, 66] as [Int64] {
+            _ = try await t.publish(CouponRequest(requestId: m, couponId: 1, memberId: m).outgoing, to: "coupons", partitioning: .modulo)
+        }
+        let poisonCalls = Mutex(0)
+        let issuer = CouponIssuer(stock: [1: 10])
+        let consumer = try ExactlyOnceConsumer(
+            transport: t, store: store, configuration: config("a"), logger: quietLogger, key: CouponRequest.keyExtractor,
+            handler: { ctx in
+                if try CouponRequest.decode(ctx.record.payload).memberId == 66 {
+                    poisonCalls.withLock { $0 += 1 }
+                    throw Boom()
+                }
+                return try await issuer.handle(&ctx)
+            })
+        try await drive([try await consumer.makeSession()], transport: t, topic: "coupons", group: "g")
+        #expect(poisonCalls.withLock { $0 } == 3, "maxAttempts is 3: the handler runs 3 times, not 4")
+        let key = IdempotencyKey.coupon(couponId: 1, memberId: 66)
+        #expect(try await store.records(for: [key])[key]?.outcome?.status == .deadLettered)
+        #expect(t.records(topic: "coupons.dlq", partition: 0).first?.headers["x-dead-letter-reason"] == "gave up after 3 attempts")
+    }
+
     /// F8: the store is unreachable for a while; the lane pauses, nothing is committed past
     /// unfinished records, and everything completes once it is back.
     @Test func unreachableStorePausesAndLosesNothing() async throws {

@@ -207,6 +207,9 @@ package struct DedupeStateMachine: Sendable {
             throw ExactlyOnceError(.fenced, "key \(record.key) already completed; it cannot be released")
         }
         record.phase = .released
+        // The attempt the claim stood for is charged, even when its claim was an uncharged
+        // prefetch: a handler that ran and failed always counts.
+        record.attempts = max(record.attempts, claim.attempt)
         record.lastFailure = String(reason.prefix(512))
         records[record.key] = record
         if recordsChanges { changes.append(.record(record)) }

@@ -52,7 +52,9 @@ public protocol DedupeStore<Transaction>: Sendable {
     /// (``ExactlyOnceError/Code/storeUnavailable``): completions are idempotent per token, so the
     /// caller retries the whole batch.
     func complete(_ completions: [Completion]) async throws -> BatchCompletion
-    /// Gives up a claim after a failed attempt; the attempt count is kept.
+    /// Gives up a claim after a failed attempt. The attempt is charged: the record's attempt
+    /// count becomes at least ``Claim/attempt`` (a prefetch claim that was not charged when it
+    /// was granted counts once its handler ran), and it is kept for the next claim.
     func release(_ claim: Claim, reason: String) async throws
     /// How many completions are worth committing in one batch: 1 for stores where a call is as
     /// cheap as buffering (in memory); more where a call costs a round trip or an fsync. The

@@ -44,7 +44,7 @@ public enum PostgresCoupons {
         do {
             config = try PostgresStoreConfiguration(url: url)
         } catch {
-            throw ServiceError("--postgres-url is not usable: \(ExactlyOnceError.Cause(of: error))")
+            throw ServiceError("--postgres-url is not usable: \(safeDescription(error))")
         }
         // Every lane of both consumers holds a connection while its batch is open; the API's
         // reads need a few more.
@@ -53,7 +53,7 @@ public enum PostgresCoupons {
         do {
             store = try await PostgresDedupeStore.connect(config)
         } catch {
-            throw ServiceError("PostgreSQL at \(config) is not usable: \(ExactlyOnceError.Cause(of: error))")
+            throw ServiceError("PostgreSQL at \(config) is not usable: \(safeDescription(error))")
         }
         do {
             let tables = try PostgresCouponTables(schema: schema)
@@ -70,9 +70,17 @@ public enum PostgresCoupons {
             return Opened(store: store, effects: PostgresCouponEffects(store: store, tables: tables), catalog: PostgresCatalog(store: store))
         } catch {
             await store.shutdown()
-            throw ServiceError("PostgreSQL at \(config): creating the tables of schema \(schema) failed: \(ExactlyOnceError.Cause(of: error))")
+            throw ServiceError("PostgreSQL at \(config): creating the tables of schema \(schema) failed: \(safeDescription(error))")
         }
     }
+}
+
+/// The library's errors and PostgreSQL statement errors by their description (which never holds
+/// a password or row values); anything else by its type only.
+func safeDescription(_ error: any Error) -> String {
+    if let e = error as? ExactlyOnceError { return "\(e)" }
+    if let e = error as? PostgresStatementError { return "\(e)" }
+    return "\(ExactlyOnceError.Cause(of: error))"
 }
 
 /// The coupon catalog as the `coupon_stock` table (shared by every process on the database).

@@ -132,6 +132,7 @@ import Testing
             Issue.record("opened a PostgreSQL store where no server listens")
         } catch let e as ServiceError {
             #expect(e.message.contains("PostgreSQL at"), "\(e.message)")
+            #expect(e.message.contains("storeUnavailable"), "\(e.message)")
             #expect(!e.message.contains("s3cret-pw"), "the password leaked: \(e.message)")
         }
     }

@@ -53,7 +53,6 @@ public final class CouponServiceCore<Backend: CouponBackend>: Sendable {
         var config = ConsumerConfiguration(topic: ServiceTopics.clicks, group: ServiceTopics.group, memberID: memberID ?? options.memberID)
         config.pollWait = .milliseconds(20)
         config.lease = .seconds(10)
-        let issuer = ClickIssuer(catalog: backend.catalog)
         let redis = backend.redis
         let cacheKey = options.keyPrefix + "cache:issued"
         let failures = redisCacheFailures
@@ -72,16 +71,15 @@ public final class CouponServiceCore<Backend: CouponBackend>: Sendable {
                     failures.increment()
                 }
             },
-            handler: { ctx in try await issuer.handle(&ctx) })
+            handler: backend.effects.clickHandler)
     }
 
     /// The consumer of payment events.
     public func makeEventConsumer(memberID: String? = nil) throws -> ExactlyOnceConsumer<Backend.Transport, Backend.Store> {
         var config = ConsumerConfiguration(topic: ServiceTopics.orderEvents, group: ServiceTopics.group, memberID: (memberID ?? options.memberID) + "-events")
         config.pollWait = .milliseconds(20)
-        let handler = PaymentHandler()
         return try ExactlyOnceConsumer(transport: backend.transport, store: backend.store, configuration: config, logger: logger,
-                                       key: OrderEvent.keyExtractor, handler: { ctx in try await handler.handle(&ctx) })
+                                       key: OrderEvent.keyExtractor, handler: backend.effects.eventHandler)
     }
 
     /// Sets the hash field to the larger of its value and ARGV[2].
@@ -161,13 +159,12 @@ public final class CouponServiceCore<Backend: CouponBackend>: Sendable {
 
     /// The issued count of a coupon in the source of truth.
     public func issuedFromStore(_ couponId: Int64) async throws -> Int64 {
-        let v = try await backend.store.readState(CouponIssuer.issuedKey(couponId)).value
-        return v.flatMap { Int64(String(decoding: $0, as: UTF8.self)) } ?? 0
+        try await backend.effects.issued(couponId)
     }
 
     /// The issued coupons of a coupon from the source of truth.
     public func ledger(_ couponId: Int64) async throws -> [LedgerEntry] {
-        try await CouponLedger.read(from: backend.store, coupons: [couponId])
+        try await backend.effects.ledger(couponId)
     }
 
     /// Clicks accepted per second, over the last full seconds.

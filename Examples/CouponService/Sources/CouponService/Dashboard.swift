@@ -2,8 +2,8 @@ import ExactlyOnce
 import Foundation
 import Hummingbird
 
-/// The live sale dashboard (issue 14.5): one HTML page without a build step or framework,
-/// polling `GET /dashboard/state` twice a second, and looking request outcomes up with
+/// The live sale dashboard: one HTML page without a build step or framework, polling
+/// `GET /dashboard/state` twice a second, and looking request outcomes up with
 /// `GET /requests/{requestId}`.
 public enum Dashboard {
     static func add<B: CouponBackend>(to router: Router<BasicRequestContext>, _ core: CouponServiceCore<B>) {
@@ -53,6 +53,8 @@ public enum Dashboard {
         public var offset: Int64
         /// The payload as text.
         public var payload: String
+        /// Why it was given up on (the consumer's `x-dead-letter-reason` header).
+        public var reason: String?
         /// The headers (reason, origin).
         public var headers: [String: String]
     }
@@ -76,7 +78,8 @@ public enum Dashboard {
                 dead += Int(s.end.rawValue)
                 let from = Offset(max(0, s.end.rawValue - 10))
                 for r in try await core.backend.transport.read(topic: dlq, partition: s.partition, from: from, maxRecords: 10) {
-                    recent.append(DeadLetter(topic: dlq, offset: r.offset.rawValue, payload: String(decoding: r.payload.prefix(200), as: UTF8.self), headers: r.headers))
+                    recent.append(DeadLetter(topic: dlq, offset: r.offset.rawValue, payload: String(decoding: r.payload.prefix(200), as: UTF8.self),
+                                              reason: r.headers[DeadLetterHeaders.reason], headers: r.headers))
                 }
             }
         }
@@ -151,7 +154,7 @@ public enum Dashboard {
           `<td data-field="committed">${p.committed ?? '–'}</td><td data-field="end">${p.end}</td><td data-field="lag">${p.lag}</td></tr>`).join('');
         document.getElementById('deadletters').innerHTML = s.recentDeadLetters.length ? s.recentDeadLetters.map(d =>
           `<tr><td class="l">${esc(d.topic)}</td><td>${d.offset}</td><td class="l">${esc(d.payload)}</td>` +
-          `<td class="l">${esc(d.headers['exactly-once-reason'] || Object.values(d.headers).join(' '))}</td></tr>`).join('')
+          `<td class="l" data-field="reason">${esc(d.reason ?? '(no reason header)')}</td></tr>`).join('')
           : '<tr><td class="l" colspan="4">none</td></tr>';
         document.getElementById('updated').textContent = new Date().toISOString();
         document.body.dataset.loaded = 'true';

@@ -8,7 +8,7 @@ import Synchronization
 /// then — inside the lock — the member and stock checks in one pipelined round trip, the
 /// decrement and the record in a second one, and a compare-and-delete release by Lua script.
 ///
-/// It answers synchronously. Its weak points are the seed's point: every click of a hot coupon
+/// It answers synchronously. Its weak points are why the log-based design replaces it: every click of a hot coupon
 /// serialises on one lock (contention, lock timeouts), acquisition is not first-come-first-served
 /// (whoever retries at the right moment wins), and when the critical section outlives the lease
 /// another request enters it too (over-issue). ``stats`` counts timeouts and expired leases.

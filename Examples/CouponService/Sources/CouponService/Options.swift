@@ -22,6 +22,9 @@ public struct ServiceOptions: Sendable {
     public var dataDir = "coupon-service-data"
     /// Redis URL (read cache, legacy lock; needed by the Redis transport and store).
     public var redisURL: String?
+    /// PostgreSQL URL with ``StoreKind/postgres``: `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`
+    /// or `postgres:///DATABASE?host=/socket/directory`.
+    public var postgresURL: String?
     /// Kafka bootstrap servers with ``TransportKind/kafka``; nil: an in-process mock cluster.
     public var kafkaBrokers: String?
     /// Connections to Redis for the cache and the legacy design. Default: 16.

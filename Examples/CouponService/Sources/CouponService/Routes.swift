@@ -4,7 +4,7 @@ import Foundation
 import Hummingbird
 import Prometheus
 
-/// The HTTP API of the coupon service (the contract of issue 13, held by the tests).
+/// The HTTP API of the coupon service (every status code held by `ContractTests`).
 public enum CouponRoutes {
     /// The router for `core`. `registry` is what `GET /metrics` emits (nil: an empty page).
     public static func router<B: CouponBackend>(_ core: CouponServiceCore<B>, registry: PrometheusCollectorRegistry?) -> Router<BasicRequestContext> {

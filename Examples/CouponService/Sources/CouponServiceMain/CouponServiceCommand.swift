@@ -15,10 +15,13 @@ struct CouponServiceCommand: AsyncParsableCommand {
         discussion: """
         `coupon-service --port 8080` starts on the embedded default: in-memory transport and store,
         everything in this process, nothing survives a restart. --store file keeps the source of
-        truth in --data-dir; --redis-url adds the read cache and the legacy endpoint;
+        truth in --data-dir; --store postgres --postgres-url URL in PostgreSQL tables (schema
+        coupon_service; a build with the Postgres trait: swift run --traits Postgres coupon-service);
+        --redis-url adds the read cache and the legacy endpoint;
         --transport redis-streams --store redis lets several processes (--role api|consumer) share a sale;
         --transport kafka runs on an in-process mock cluster, or on --kafka-brokers HOST:PORT[,...].
-        Environment: COUPON_SERVICE_REDIS_URL stands for --redis-url, COUPON_SERVICE_KAFKA_BROKERS for --kafka-brokers.
+        Environment: COUPON_SERVICE_REDIS_URL stands for --redis-url, COUPON_SERVICE_KAFKA_BROKERS for --kafka-brokers,
+        COUPON_SERVICE_POSTGRES_URL for --postgres-url (read with --store postgres only).
         """)
 
     @Option(help: "TCP port to listen on.") var port: Int = 8080
@@ -26,7 +29,8 @@ struct CouponServiceCommand: AsyncParsableCommand {
     @Option(help: "What this process runs: api, consumer or all.") var role: String = "all"
     @Option(help: "The log: memory, redis-streams or kafka.") var transport: String = "memory"
     @Option(help: "Kafka bootstrap servers HOST:PORT[,...] with --transport kafka (default: an in-process mock cluster); the topics must exist.") var kafkaBrokers: String?
-    @Option(help: "The source of truth: memory, file or redis.") var store: String = "memory"
+    @Option(help: "The source of truth: memory, file, redis or postgres.") var store: String = "memory"
+    @Option(help: "PostgreSQL URL with --store postgres: postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE or postgres:///DATABASE?host=/socket/dir.") var postgresURL: String?
     @Option(help: "Directory of the file store and its coupon catalog.") var dataDir: String = "coupon-service-data"
     @Option(help: "Redis URL: read cache, legacy lock, Redis transport and store.") var redisURL: String?
     @Option(help: "Partitions per topic.") var partitions: Int = 4
@@ -40,7 +44,7 @@ struct CouponServiceCommand: AsyncParsableCommand {
         guard (1...65_535).contains(port) else { throw ValidationError("--port must be in 1...65535") }
         guard Role(rawValue: role) != nil else { throw ValidationError("--role must be api, consumer or all") }
         guard TransportKind(rawValue: transport) != nil else { throw ValidationError("--transport must be memory, redis-streams or kafka") }
-        guard StoreKind(rawValue: store) != nil else { throw ValidationError("--store must be memory, file or redis") }
+        guard StoreKind(rawValue: store) != nil else { throw ValidationError("--store must be memory, file, redis or postgres") }
         guard (1...256).contains(partitions) else { throw ValidationError("--partitions must be in 1...256") }
         guard legacyLeaseMs >= 1, legacyWaitMs >= 0, legacyWorkMs >= 0 else { throw ValidationError("legacy durations must be positive") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level is not a log level") }
@@ -54,6 +58,7 @@ struct CouponServiceCommand: AsyncParsableCommand {
         options.dataDir = dataDir
         options.kafkaBrokers = kafkaBrokers ?? ProcessInfo.processInfo.environment["COUPON_SERVICE_KAFKA_BROKERS"]
         options.redisURL = redisURL ?? ProcessInfo.processInfo.environment["COUPON_SERVICE_REDIS_URL"]
+        options.postgresURL = postgresURL ?? (options.store == .postgres ? ProcessInfo.processInfo.environment["COUPON_SERVICE_POSTGRES_URL"] : nil)
         options.partitions = partitions
         options.keyPrefix = keyPrefix
         options.legacyLease = .milliseconds(legacyLeaseMs)

@@ -6,7 +6,7 @@ import Hummingbird
 import HummingbirdTesting
 import Testing
 
-/// Every status code of the API contract (issue 13, items 2 and 3).
+/// Every status code of the API contract (Docs/Service.md, "The API").
 @Suite struct ContractTests {
     @Test func couponsClicksOutcomesAndLookups() async throws {
         let core = try makeCore()

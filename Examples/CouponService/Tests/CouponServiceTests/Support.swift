@@ -12,7 +12,7 @@ import ServiceLifecycle
 import Glibc
 #endif
 
-typealias MemoryBackend = OpenedBackend<InMemoryTransport, InMemoryDedupeStore>
+typealias MemoryBackend = OpenedBackend<InMemoryTransport, InMemoryDedupeStore, KeyValueCouponEffects<InMemoryDedupeStore>>
 typealias MemoryCore = CouponServiceCore<MemoryBackend>
 
 let quiet = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
@@ -33,6 +33,28 @@ func makeCore(role: Role = .all, redis: RedisCommandClient? = nil, partitions: I
     let backend = OpenedBackend(transport: try InMemoryTransport(topics: topics), store: try InMemoryDedupeStore(),
                                 catalog: MemoryCatalog(), redis: redis, summary: "test")
     return try CouponServiceCore(backend: backend, options: options, logger: quiet)
+}
+
+/// What the sale checks read from a running service, whatever its backends.
+protocol SaleCore: Sendable {
+    func clicksInLogOrder(_ couponId: Int64) async throws -> [CouponRequest]
+    func audit(_ couponId: Int64) async throws -> CouponAudit?
+}
+
+extension CouponServiceCore: SaleCore {}
+
+/// Runs a service on `backend` (opened by `Backends.open`) around `body`, with the router test client.
+func serve(_ backend: any CouponBackend, _ options: ServiceOptions,
+           _ body: @escaping @Sendable (any SaleCore, any TestClientProtocol) async throws -> Void) async throws {
+    try await serveOpened(backend, options, body)
+}
+
+private func serveOpened<B: CouponBackend>(_ backend: B, _ options: ServiceOptions,
+                                           _ body: @escaping @Sendable (any SaleCore, any TestClientProtocol) async throws -> Void) async throws {
+    let core = try CouponServiceCore(backend: backend, options: options, logger: quiet)
+    try await running(try core.services()) {
+        try await app(core).test(.router) { client in try await body(core, client) }
+    }
 }
 
 /// Runs `services` in a ServiceGroup around `body`, then shuts them down gracefully.

@@ -181,7 +181,10 @@ public enum Backends {
                 config.poolSize = max(config.poolSize, options.redisPoolSize)
                 redis = try RedisCommandClient(configuration: config)
             } catch {
-                throw ServiceError("--redis-url \(url) is not usable: \(ExactlyOnceError.Cause(of: error))")
+                // The URL may hold a password: name it through the parsed configuration (which
+                // masks it) or not at all.
+                let named = (try? RedisConfiguration(url: url)).map { "\($0)" } ?? "(unparsable URL)"
+                throw ServiceError("--redis-url \(named) is not usable: \(ExactlyOnceError.Cause(of: error))")
             }
         } else {
             redis = nil
@@ -266,7 +269,7 @@ public enum Backends {
             + (options.transport == .kafka ? (options.kafkaBrokers.map { " on \($0)" } ?? " on an in-process mock cluster") : "")
             + ", store \(options.store.rawValue)"
             + (options.store == .file ? " in \(options.dataDir)" : "")
-            + (redis == nil ? ", no Redis (read cache falls back to the store, legacy endpoint answers 503)" : ", Redis \(options.redisURL ?? "")")
+            + (redis == nil ? ", no Redis (read cache falls back to the store, legacy endpoint answers 503)" : ", Redis \(options.redisURL.flatMap { try? RedisConfiguration(url: $0) }.map { "\($0)" } ?? "")")
         let store: any DedupeStore<EffectTransaction>
         let catalog: any CouponCatalog
         switch options.store {

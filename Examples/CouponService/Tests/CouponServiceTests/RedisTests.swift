@@ -8,6 +8,23 @@ import Testing
 
 /// The parts that need Redis: the legacy design's status codes and the read cache.
 @Suite struct RedisTests {
+    /// A Redis URL's password never shows: not in the startup summary, not in errors.
+    @Test func theRedisPasswordNeverShows() async throws {
+        var options = ServiceOptions()
+        options.redisURL = "redis://app:s3cret-pw@127.0.0.1:6399/0"
+        let backend = try await Backends.open(options)
+        #expect(backend.summary.contains("127.0.0.1:6399"), "\(backend.summary)")
+        #expect(!backend.summary.contains("s3cret-pw"), "the password leaked: \(backend.summary)")
+        var bad = ServiceOptions()
+        bad.redisURL = "redis://app:s3cret-pw@127.0.0.1:6399/notadb"
+        do {
+            _ = try await Backends.open(bad)
+            Issue.record("opened Redis with a database that is not a number")
+        } catch let e as ServiceError {
+            #expect(!e.message.contains("s3cret-pw"), "the password leaked: \(e.message)")
+        }
+    }
+
     @Test func legacyDesignStatusCodesAndAudit() async throws {
         try await ThrowawayRedis.with { redis in
             let client = try redis.client()

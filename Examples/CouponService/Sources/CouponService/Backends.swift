@@ -269,7 +269,7 @@ public enum Backends {
             + (options.transport == .kafka ? (options.kafkaBrokers.map { " on \($0)" } ?? " on an in-process mock cluster") : "")
             + ", store \(options.store.rawValue)"
             + (options.store == .file ? " in \(options.dataDir)" : "")
-            + (redis == nil ? ", no Redis (read cache falls back to the store, legacy endpoint answers 503)" : ", Redis \(options.redisURL.flatMap { try? RedisConfiguration(url: $0) }.map { "\($0)" } ?? "")")
+            + (redis == nil ? ", no Redis (read cache falls back to the store, legacy endpoint answers 503)" : ", Redis \(options.redisURL.flatMap { try? RedisConfiguration(url: $0) }.map { "\($0.endpoint) db \($0.database)" } ?? "")")
         let store: any DedupeStore<EffectTransaction>
         let catalog: any CouponCatalog
         switch options.store {

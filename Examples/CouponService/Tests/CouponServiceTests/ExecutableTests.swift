@@ -190,7 +190,7 @@ func sample(_ metrics: String, _ name: String, _ labels: [String]) -> Double? {
                                                          environment: ["COUPON_SERVICE_POSTGRES_URL": url])
             let started = service.output
             #expect(started.contains("transport kafka on an in-process mock cluster, store postgres"), "\(started.suffix(2000))")
-            #expect(started.contains("Redis redis://127.0.0.1:\(redis.port)"), "\(started.suffix(2000))")
+            #expect(started.contains("Redis 127.0.0.1:\(redis.port) db 0"), "\(started.suffix(2000))")
             try await service.http { client in
                 #expect(try await client.call(.post, "/coupons", #"{"couponId": 4, "stock": 3}"#).0 == .created)
                 for m in [11, 12, 11, 13, 14] { #expect(try await client.call(.post, "/coupons/4/requests", #"{"memberId": \#(m)}"#).0 == .accepted) }

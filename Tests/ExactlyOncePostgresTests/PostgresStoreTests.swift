@@ -119,6 +119,33 @@ struct PostgresStoreTests {
         await store.shutdown()
     }
 
+    /// The store's `run()` runs the retention cleanup on its own every `cleanupInterval`, and
+    /// closes the store when cancelled.
+    @Test func runPurgesExpiredRecordsOnItsInterval() async throws {
+        let server = try await PostgresTestServer.shared()
+        let clock = ManualClock()
+        let store = try await PostgresDedupeStore.testing(server, clock: clock) {
+            $0.retention = .seconds(60)
+            $0.cleanupInterval = .milliseconds(50)
+        }
+        let old = try IdempotencyKey(rawValue: "run-old")
+        guard case .new(let a) = try await store.claim(ClaimRequest(key: old, fingerprint: .of([1]), lease: .seconds(5))) else { Issue.record("no claim"); return }
+        try await store.complete(Completion(claim: a, outcome: .applied()))
+        let service = Task { try await store.run() }
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(try await store.records(for: [old])[old]?.phase == .completed, "kept while its retention runs")
+        clock.advance(by: .seconds(61))
+        var gone = false
+        for _ in 0..<200 where !gone {
+            try await Task.sleep(for: .milliseconds(25))
+            gone = try await store.records(for: [old])[old] == nil
+        }
+        #expect(gone, "run() purged the expired record within its cleanup interval")
+        service.cancel()
+        try await service.value
+        await #expect(throws: ExactlyOnceError.self) { _ = try await store.records(for: [old]) }
+    }
+
     @Test func aFailedStatementRollsBackItsHandlerOnlyAndTheBatchCommitsTheRest() async throws {
         let server = try await PostgresTestServer.shared()
         let store = try await PostgresDedupeStore.testing(server)

@@ -15,6 +15,7 @@ RC=$?
 END=$(date +%s.%N)
 redis-cli -p $PORT INFO commandstats > $D/cmdstats.txt
 redis-cli -p $PORT INFO stats | grep total_commands_processed > $D/total.txt
+redis-cli -p $PORT INFO cpu > $D/cpu.txt
 kill $(cat $D/pid)
 echo "$LABEL rc=$RC requests=$N elapsed=$(awk -v a=$START -v b=$END 'BEGIN{print b-a}')"
 tail -c 600 $D/out.json; echo

@@ -39,6 +39,8 @@ final class ConsumerCore: @unchecked Sendable {
     /// Records fetched while waiting for the join, handed out by the next poll.
     var carry: [ConsumedRecord] = []
     var lastError: ExactlyOnceError?
+    /// Holds commits back while a cooperative group rebalances (see ``CommitHold``).
+    var hold: CommitHold
     let onAssignment: @Sendable ([PartitionID: UInt64]?) -> Void
 
     let queue: DispatchQueue
@@ -51,6 +53,7 @@ final class ConsumerCore: @unchecked Sendable {
         self.memberID = memberID
         self.configuration = configuration
         self.onAssignment = onAssignment
+        hold = CommitHold(limit: max(configuration.maxPollInterval, configuration.sessionTimeout))
     }
 
     func currentGeneration(_ rk: OpaquePointer) -> Int32 {
@@ -86,12 +89,17 @@ final class ConsumerCore: @unchecked Sendable {
                 committed[p] = nil
             }
             joined = true
+            if cooperative { hold.assigned() }
             retryPending(rk)
         } else {
             // Revocation: the member has finished (or given up) what it was handed, since this
             // runs inside its next poll; commit what is still pending before letting go.
             let revoked = cooperative ? listed : Array(assignment.keys)
-            if rd_kafka_assignment_lost(rk) == 0 { retryPending(rk, only: Set(revoked)) }
+            let lost = rd_kafka_assignment_lost(rk) != 0
+            // Sent now, before librdkafka joins again (after this callback), so it cannot be in
+            // flight across the next JoinGroup (see CommitHold).
+            if !lost { retryPending(rk, only: Set(revoked), evenIfHeld: true) }
+            if cooperative { hold.revoked(lost: lost) }
             if cooperative {
                 if let error = rd_kafka_incremental_unassign(rk, partitions) { rd_kafka_error_destroy(error) }
             } else {
@@ -106,6 +114,19 @@ final class ConsumerCore: @unchecked Sendable {
             carry.removeAll { revoked.contains($0.partition) }
         }
         onAssignment(assignment)
+    }
+
+    /// Whether commits are held back now (cooperative groups only; see ``CommitHold``).
+    var commitsHeld: Bool {
+        guard !configuration.assignor.isEager else { return false }
+        return hold.isHeld()
+    }
+
+    /// Broker answers to a commit that say the group is rebalancing, or has moved on without
+    /// this member's generation.
+    static func meansRebalancing(_ err: rd_kafka_resp_err_t) -> Bool {
+        err == RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS || err == RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION
+            || err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID
     }
 
     /// Commits `offsets` synchronously with a deadline; returns per-partition errors.
@@ -132,6 +153,7 @@ final class ConsumerCore: @unchecked Sendable {
                     per[PartitionID(Int(e.partition))] = e.err
                 }
             }
+            if Self.meansRebalancing(top) || per.values.contains(where: Self.meansRebalancing) { hold.commitRefusedByRebalance() }
             return (top, per)
         }
     }
@@ -169,8 +191,10 @@ final class ConsumerCore: @unchecked Sendable {
         }
     }
 
-    /// Retries pending commits of partitions still owned at the epoch they were made in.
-    func retryPending(_ rk: OpaquePointer, only: Set<PartitionID>? = nil) {
+    /// Retries pending commits of partitions still owned at the epoch they were made in (not
+    /// while commits are held, unless `evenIfHeld`).
+    func retryPending(_ rk: OpaquePointer, only: Set<PartitionID>? = nil, evenIfHeld: Bool = false) {
+        guard evenIfHeld || !commitsHeld else { return }
         var todo: [PartitionID: Int64] = [:]
         for (p, c) in pending {
             if let only, !only.contains(p) { continue }
@@ -399,6 +423,13 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
                 if o.rawValue > (core.committed[p] ?? -1) { todo[p] = o.rawValue }
             }
             guard !todo.isEmpty else { return }
+            if core.commitsHeld {
+                // The group is rebalancing: kept, and committed when the rebalance is over.
+                for (p, o) in todo {
+                    if let epoch = core.assignment[p] { core.pending[p] = (max(o, core.pending[p]?.offset ?? 0), epoch) }
+                }
+                throw ExactlyOnceError(.transportUnavailable, "commit of \(core.topic) by \(core.memberID) held while group \(group) rebalances; it is retried when the rebalance is over")
+            }
             let (top, per) = core.commitNow(rk, todo)
             var refused: ExactlyOnceError?
             for (p, o) in todo {
@@ -464,7 +495,8 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
         let core = self.core
         try await onQueue(queue) {
             guard let h = core.handle, !core.closed else { return }
-            core.retryPending(h.pointer)
+            // Leaving: a commit now cannot cost a later rebalance of this member.
+            core.retryPending(h.pointer, evenIfHeld: true)
             if let q = rd_kafka_queue_new(h.pointer) {
                 if let error = rd_kafka_consumer_close_queue(h.pointer, q) { rd_kafka_error_destroy(error) }
                 let deadline = ContinuousClock.now + core.configuration.operationTimeout

@@ -9,7 +9,7 @@ struct KafkaSale: SaleTransport {
     /// The in-process cluster when no brokers were given (kept alive with the sale).
     let mock: KafkaMockCluster?
 
-    init(brokers: String?, sessionTimeout: Duration, partitions: Int) async throws {
+    init(brokers: String?, sessionTimeout: Duration, partitions: Int, properties: [String: String] = [:]) async throws {
         var mock: KafkaMockCluster?
         let bootstrap: String
         if let brokers {
@@ -25,6 +25,7 @@ struct KafkaSale: SaleTransport {
         // The mock cluster forms no group below 3 s; a shorter session moves a dead member's
         // partitions sooner.
         config.sessionTimeout = max(.seconds(3), min(sessionTimeout, .seconds(30)))
+        config.extraProperties = properties
         let transport = try KafkaTransport(configuration: config)
         self.transport = transport
         self.mock = mock
@@ -65,14 +66,20 @@ struct KafkaMockCommand: AsyncParsableCommand {
     @Option(help: "Partitions of the sale's topic.")
     var partitions = 3
 
+    @Option(name: .customLong("kafka-property"), help: ArgumentHelp(
+        "A librdkafka property NAME=VALUE of the handle hosting the cluster (repeatable): debug=mock logs its group state machine.",
+        valueName: "name=value"))
+    var kafkaProperties: [String] = []
+
     mutating func validate() throws {
         guard (1...32).contains(brokers) else { throw ValidationError("--brokers must be in 1...32, got \(brokers)") }
         guard (1...1024).contains(partitions) else { throw ValidationError("--partitions must be in 1...1024, got \(partitions)") }
         guard !bootstrapFile.isEmpty else { throw ValidationError("--bootstrap-file needs a path") }
+        _ = try SaleOptions.parseKafkaProperties(kafkaProperties)
     }
 
     mutating func run() async throws {
-        let cluster = try KafkaMockCluster(brokers: brokers)
+        let cluster = try KafkaMockCluster(brokers: brokers, properties: try SaleOptions.parseKafkaProperties(kafkaProperties))
         try cluster.createTopic(saleTopic, partitions: partitions)
         try cluster.createTopic(saleTopic + ".dlq", partitions: 1)
         signal(SIGTERM, SIG_IGN)

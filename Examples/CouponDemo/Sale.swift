@@ -88,7 +88,8 @@ struct SaleRunner {
                                            sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
             return try await run(sale: sale, store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
         case .kafka:
-            let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
+            let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions,
+                                           properties: try SaleOptions.parseKafkaProperties(o.kafkaProperties))
             return try await run(sale: sale, store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
         case .memory:
             return try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
@@ -118,7 +119,8 @@ struct SaleRunner {
                                                sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
                 status = try await run(sale: sale, store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
             case .kafka:
-                let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
+                let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions,
+                                           properties: try SaleOptions.parseKafkaProperties(o.kafkaProperties))
                 status = try await run(sale: sale, store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
             case .memory:
                 status = try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: tables.handler, readLedger: readLedger)

@@ -69,6 +69,17 @@ import Testing
         #expect((json["crashes"] as? Int ?? 0) > 0, "crashes were injected")
     }
 
+    /// `--kafka-property NAME=VALUE` reaches librdkafka: with `debug=metadata` its debug log
+    /// (which names the librdkafka version) goes to standard error; standard output stays one
+    /// JSON object.
+    @Test(.timeLimit(.minutes(2))) func kafkaPropertyReachesLibrdkafka() async throws {
+        let r = try await Self.run(["--json", "--transport", "kafka", "--requests", "0", "--kafka-property", "debug=metadata"])
+        #expect(r.status == 0, "\(r.err.suffix(2000))")
+        #expect(r.err.contains("librdkafka v") && r.err.contains("METADATA"), "librdkafka's debug log: \(r.err.prefix(500))")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any], "\(r.out)")
+        #expect(json["requests"] as? Int == 0 && json["lost"] as? Int == 0)
+    }
+
     /// `--log-level`: off by default (standard error stays quiet); from `info` up the library's
     /// messages go to standard error, and standard output stays one JSON object.
     @Test func logLevelSendsTheLibrarysMessagesToStandardError() async throws {
@@ -91,7 +102,11 @@ import Testing
                      ["--transport", "kafka", "--kafka-brokers", "127.0.0.1:9092"], ["--role", "publish", "--transport", "kafka", "--store", "redis"],
                      ["--transport", "redis-streams"], ["--role", "consume"], ["--role", "boss"], ["--member-id", "a"],
                      ["--redis-url", "redis://127.0.0.1:1"], ["--store", "redis", "--redis-url", "http://example.com"],
-                     ["--store", "redis", "--redis-url", "redis://u:hunter2@127.0.0.1:99999"]] {
+                     ["--store", "redis", "--redis-url", "redis://u:hunter2@127.0.0.1:99999"],
+                     ["--kafka-property", "debug=cgrp"], ["--transport", "kafka", "--kafka-property", "debug"],
+                     ["--transport", "kafka", "--kafka-property", "=cgrp"], ["--transport", "kafka", "--kafka-property", "group.id=other"],
+                     ["--transport", "kafka", "--kafka-property", "no.such.property=1"],
+                     ["kafka-mock", "--bootstrap-file", "/tmp/never-written", "--kafka-property", "debug"]] {
             let r = try await Self.run(args)
             #expect(r.status == 2, "\(args)")
             #expect(r.err.contains("coupon-demo:"), "\(args): \(r.err)")

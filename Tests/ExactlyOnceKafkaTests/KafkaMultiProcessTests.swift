@@ -221,4 +221,67 @@ struct KafkaMultiProcessTests {
             await mock.stop()
         }
     }
+
+    /// A consumer process's stall timeout. Alone, with nothing published, it gives up after
+    /// `--stall-timeout` with the stall error and exits (its consumer stops: the error does not
+    /// wait for the sale that will never end). Beside a member that owns the only partition, it
+    /// idles through a sale longer than its stall timeout (the owner is slowed down with
+    /// SIGSTOP/SIGCONT) and exits 0 when the sale is over: the group's progress counts, not only
+    /// its own.
+    @Test func aStalledConsumerProcessGivesUpAndAnIdleOneWaitsOutTheSale() async throws {
+        try await RedisTestServer.with { server in
+            let dir = try Self.scratch()
+            defer { try? FileManager.default.removeItem(at: dir) }
+            let mock = try await Mock.start(in: dir, partitions: 1)
+            let requests = 90_000  // the mock keeps at most 100,000 records per partition
+            let sale = saleArguments(server, mock, seed: 44, requests: requests, partitions: 1, extra: ["--crash-rate", "0", "--stall-timeout", "5"])
+            func consumer(_ name: String) throws -> ChildProcess {
+                try ChildProcess(Self.demo, sale + ["--role", "consume", "--member-id", name, "--log-level", "info", "--json"], outputIn: dir, name: name)
+            }
+
+            let lone = try consumer("lone")
+            let started = ContinuousClock.now
+            #expect(await lone.wait(timeout: .seconds(90)) == 1, "a sale with nothing published stalls: \(lone.stdout) \(lone.stderr.suffix(2000))")
+            #expect(ContinuousClock.now - started < .seconds(60), "the stalled consumer exits soon after its stall timeout")
+            #expect(lone.stderr.contains("coupon-demo: the sale made no progress for 5 s"), "\(lone.stderr.suffix(2000))")
+
+            let owner = try consumer("owner")
+            let deadline = ContinuousClock.now + .seconds(60)
+            while Self.owned(by: owner) != [0] {
+                try #require(ContinuousClock.now < deadline && owner.isRunning, "owner never got the partition: \(owner.stderr.suffix(2000))")
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            let idle = try consumer("idle")
+            // The group settles before the sale starts: idle's first session starts once its join
+            // is complete (its SyncGroup answered, and so the owner's: the group is stable).
+            while !idle.stderr.contains("member=idle [CouponDemo] session started") {
+                try #require(ContinuousClock.now < deadline + .seconds(60) && idle.isRunning, "idle never joined: \(idle.stderr.suffix(2000))")
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            let publisher = try ChildProcess(Self.demo, sale + ["--role", "publish", "--json"], outputIn: dir, name: "publisher")
+            // A slow owner: stopped (SIGSTOP) 1.2 s of every 1.5 s, well within its 3 s session,
+            // so the sale lasts several times the idle member's stall timeout.
+            let throttle = Task {
+                while owner.isRunning && !Task.isCancelled {
+                    owner.kill(SIGSTOP)
+                    try? await Task.sleep(for: .milliseconds(1_200))
+                    owner.kill(SIGCONT)
+                    try? await Task.sleep(for: .milliseconds(300))
+                }
+                owner.kill(SIGCONT)
+            }
+            #expect(await publisher.wait(timeout: .seconds(180)) == 0, "\(publisher.stderr)")
+            for c in [owner, idle] {
+                #expect(await c.wait(timeout: .seconds(180)) == 0, "\(c.stdout) \(c.stderr.suffix(3000))")
+            }
+            throttle.cancel()
+            await throttle.value
+            let summary = try #require(try JSONSerialization.jsonObject(with: Data(idle.stdout.utf8)) as? [String: Any], "\(idle.stdout)")
+            #expect(summary["polled"] as? Int == 0, "the idle member owned no partition: \(idle.stdout)")
+            #expect((summary["elapsedSeconds"] as? Double ?? 0) > 6, "the sale outlasted the idle member's 5 s stall timeout: \(idle.stdout)")
+            #expect(try await mock.committed() == requests)
+            try await Self.audit(sale, requests: requests, coupons: 4, stock: 100, in: dir)
+            await mock.stop()
+        }
+    }
 }

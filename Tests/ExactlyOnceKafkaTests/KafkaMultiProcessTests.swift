@@ -193,15 +193,16 @@ struct KafkaMultiProcessTests {
     /// A whole demo run (publisher and a consumer in one process) on the mock cluster and Redis
     /// is SIGKILLed mid-sale and run again with the same flags: the rerun resumes the publishing
     /// from the end offsets, reads the uncommitted records again, and finishes the sale cleanly.
-    /// One group member per run (`--consumers 1`): the kill ends the whole group, and the rerun's
-    /// member joins a group whose dead member still holds its partitions until its session lapses.
+    /// Each run has the demo's three group members: the kill ends all three at once, and the
+    /// rerun's members join a group whose dead members hold their partitions until their
+    /// sessions lapse (and the mock elects a dead leader first).
     @Test func killedRunRerunWithTheSameFlagsFinishesCleanly() async throws {
         try await RedisTestServer.with { server in
             let dir = try Self.scratch()
             defer { try? FileManager.default.removeItem(at: dir) }
             let mock = try await Mock.start(in: dir)
             let requests = 4_000
-            let sale = saleArguments(server, mock, seed: 42, requests: requests, extra: ["--crash-rate", "0.002", "--consumers", "1"])
+            let sale = saleArguments(server, mock, seed: 42, requests: requests, extra: ["--crash-rate", "0.002"])
             let first = try ChildProcess(Self.demo, sale + ["--json"], outputIn: dir, name: "first")
             let killed = await first.kill(when: { ((try? Self.claimed(server)) ?? 0) >= requests / 10 })
             _ = await first.wait()

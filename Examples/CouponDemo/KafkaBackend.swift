@@ -25,16 +25,31 @@ struct KafkaSale: SaleTransport {
         // The mock cluster forms no group below 3 s; a shorter session moves a dead member's
         // partitions sooner.
         config.sessionTimeout = max(.seconds(3), min(sessionTimeout, .seconds(30)))
+        // librdkafka's own log (connection refused, brokers down) stays off standard error: what
+        // it costs reaches the sale as errors. --kafka-property log_level=3 (or debug=...) shows it.
+        config.logLevel = 2
         config.extraProperties = properties
         let transport = try KafkaTransport(configuration: config)
         self.transport = transport
         self.mock = mock
-        // Brokers that are not there at the start are a setup error: say so after a few tries.
-        let count = try await retrying(attempts: 50) { try await transport.partitionCount(of: saleTopic) }
+        // Brokers that are not there at the start are a setup error: say so after a few seconds
+        // (each try bounded too: a closed port fails fast, a server that never answers does not).
+        // The in-process mock answers at once; it gets more time on a loaded machine.
+        let bound: Duration = mock == nil ? .seconds(5) : .seconds(30)
+        func topicPartitions(_ topic: String) async throws -> Int {
+            do {
+                return try await retrying(attempts: 1_000, within: bound) {
+                    try await transport.partitionCount(of: topic, timeout: .seconds(2))
+                }
+            } catch let e as ExactlyOnceError where e.isRetriable {
+                throw DemoError(message: "no Kafka broker of \(bootstrap) answered within \(bound) (\(e.message))")
+            }
+        }
+        let count = try await topicPartitions(saleTopic)
         guard count == partitions else {
             throw DemoError.usage("topic \(saleTopic) on \(bootstrap) has \(count) partitions, the sale wants --partitions \(partitions)")
         }
-        _ = try await retrying(attempts: 50) { try await transport.partitionCount(of: saleTopic + ".dlq") }
+        _ = try await topicPartitions(saleTopic + ".dlq")
     }
 
     func endOffsets() async throws -> [PartitionID: Offset] { try await transport.endOffsets(topic: saleTopic) }

@@ -66,10 +66,20 @@ public final class KafkaTransport: MessageTransport, Sendable {
     }
 
     public func partitionCount(of topic: String) async throws -> Int {
+        try await partitionCount(of: topic, timeout: configuration.operationTimeout)
+    }
+
+    /// The partition count of `topic`, from the cluster's metadata within `timeout` (the first
+    /// answer is kept: later calls do not ask again). A short `timeout` tells a caller quickly
+    /// that no broker answers (a closed port, a server that accepts and never answers).
+    /// - Throws: ``ExactlyOnceError/Code/unknownTopic`` when the cluster does not have the
+    ///   topic; ``ExactlyOnceError/Code/timeout`` or ``ExactlyOnceError/Code/transportUnavailable``
+    ///   (retriable) when no broker answered in time.
+    public func partitionCount(of topic: String, timeout: Duration) async throws -> Int {
         if let n = partitionCounts.withLock({ $0[topic] }) { return n }
         guard !topic.isEmpty else { throw ExactlyOnceError(.unknownTopic, "empty topic name") }
         let rk = producer.handle
-        let timeout = milliseconds(configuration.operationTimeout)
+        let timeout = max(1, milliseconds(timeout))
         let n: Int = try await onQueue(adminQueue) {
             // All topics: a request for one named topic would let the broker create it.
             var md: UnsafePointer<rd_kafka_metadata>?

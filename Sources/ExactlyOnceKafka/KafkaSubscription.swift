@@ -232,7 +232,9 @@ final class ConsumerCore: @unchecked Sendable {
 public final class KafkaSubscription: TransportSubscription, @unchecked Sendable {
     /// The member id (the librdkafka `client.id`; Kafka gives the group member its own id).
     public let memberID: String
-    /// `kafka:<cluster id>/<group>/<topic>`.
+    /// `kafka:<cluster id>/<group>/<topic>`; for librdkafka's mock cluster the cluster part is
+    /// its id and its brokers' ports (`mockCluster1ffd65008614@38207,38211,40967`), since a
+    /// mock's id can repeat from one mock instance to the next.
     public let fencingScope: String
     let topic: String
     let group: String

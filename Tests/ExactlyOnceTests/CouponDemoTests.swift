@@ -80,6 +80,67 @@ import Testing
         #expect(json["requests"] as? Int == 0 && json["lost"] as? Int == 0)
     }
 
+    /// Two runs of `--transport kafka` on the in-process mock cluster with one `--store file`
+    /// directory: the first SIGKILLed mid-sale, the second finishes the sale with a clean audit,
+    /// and its records carry a fencing scope of their own. Each run's mock cluster is a new
+    /// cluster whose group generations start again from 1; librdkafka names a mock after its
+    /// memory address, so two runs (without address randomization, as here under `setarch -R`)
+    /// can get the same cluster id, and a shared scope would let the first run's higher epochs
+    /// fence the second. The scope names the mock's broker ports too.
+    @Test(.timeLimit(.minutes(3))) func kafkaRunsOnTheInProcessMockHaveAFencingScopeEach() async throws {
+        let dir = try ScratchDirectory("demo-kafka-scope")
+        defer { dir.cleanup() }
+        let flags = ["--transport", "kafka", "--store", "file", "--data-dir", dir.path, "--requests", "90000", "--coupons", "5",
+                     "--members", "20000", "--seed", "21", "--crash-rate", "0", "--json"]
+        // Address randomization off for both runs when setarch is there: the case where the two
+        // mocks' ids are the same.
+        let setarch = ChildProcess.which("setarch")
+        func start(_ extra: [String]) throws -> ChildProcess {
+            if let setarch { return try ChildProcess(setarch, ["-R", Self.binary.path] + flags + extra) }
+            return try ChildProcess(Self.binary, flags + extra)
+        }
+        func journalBytes() -> Int {
+            guard let sale = try? FileManager.default.contentsOfDirectory(atPath: dir.path).first(where: { $0.hasPrefix("sale-") }),
+                  let names = try? FileManager.default.contentsOfDirectory(atPath: dir.path + "/" + sale) else { return 0 }
+            return names.filter { $0.hasSuffix(".eoj") }.reduce(0) { total, name in
+                total + ((try? FileManager.default.attributesOfItem(atPath: dir.path + "/" + sale + "/" + name)[.size] as? Int) ?? 0)
+            }
+        }
+        let first = try start([])
+        let deadline = ContinuousClock.now + .seconds(90)
+        while journalBytes() < 1_000_000 && first.isRunning && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        #expect(first.isRunning, "the kill must land mid-sale: \(first.stdout) \(first.stderr)")
+        first.kill()
+        await first.wait()
+
+        let second = try start([])
+        #expect(await second.wait(timeout: .seconds(120)) == 0, "\(second.stdout) \(second.stderr)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(second.stdout.utf8)) as? [String: Any], "\(second.stdout) \(second.stderr)")
+        for field in ["overIssued", "doubleIssued", "lost", "fcfsViolations"] { #expect(json[field] as? Int == 0, "\(field): \(second.stdout)") }
+        #expect(json["transport"] as? String == "kafka")
+
+        // The fencing scopes the sale's records carry, without the partition: one per run.
+        let sale = try #require(json["sale"] as? String)
+        var clusters = Set<String>()
+        var cursor: String?
+        var pages = 0
+        repeat {
+            let r = try await ChildProcess.run(ChildProcess.builtProduct("exactly-once-admin"),
+                                               ["keys", "--data-dir", dir.path, "--sale", sale, "--json", "--limit", "10000"] + (cursor.map { ["--cursor", $0] } ?? []))
+            try #require(r.status == 0, "\(r.err)")
+            let page = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+            for record in page["records"] as? [[String: Any]] ?? [] {
+                if let scope = record["fenceScope"] as? String { clusters.insert(String(scope.split(separator: "/").first ?? "")) }
+            }
+            cursor = page["nextCursor"] as? String
+            pages += 1
+        } while cursor != nil && pages < 100
+        #expect(clusters.count == 2, "two mock clusters, two fencing scopes: \(clusters)")
+        #expect(clusters.allSatisfy { $0.hasPrefix("kafka:mockCluster") && $0.contains("@") }, "\(clusters)")
+    }
+
     /// `--log-level`: off by default (standard error stays quiet); from `info` up the library's
     /// messages go to standard error, and standard output stays one JSON object.
     @Test func logLevelSendsTheLibrarysMessagesToStandardError() async throws {

@@ -57,6 +57,9 @@ struct KafkaSale: SaleTransport {
     // The member comes back at once under the same id, from the committed offsets.
     func crashed(memberID: String) { transport.restartMember(memberID, group: saleGroup, topic: saleTopic) }
     var deliveredRecords: Int? { nil }
+    /// Kafka's own partitioner, murmur2 of the key: the partition a Java producer, or
+    /// librdkafka/kcat with `partitioner=murmur2_random`, picks for the same coupon.
+    var partitioning: Partitioning { .murmur2 }
 }
 
 /// `coupon-demo kafka-mock --brokers 3 --bootstrap-file F`: a standalone mock Kafka cluster for

@@ -163,7 +163,7 @@ struct SaleRunner {
             if o.role == .all || o.role == .publish {
                 // The API side: publish every click at once, in batches; each coupon's clicks keep their order.
                 tasks.addTask {
-                    try await publishSale(requests, partitions: o.partitions, transport: sale.transport, endOffsets: { try await sale.endOffsets() }) { n in
+                    try await publishSale(requests, partitions: o.partitions, partitioning: sale.partitioning, transport: sale.transport, endOffsets: { try await sale.endOffsets() }) { n in
                         if progress.published.exchange(n, ordering: .relaxed) != n { counters.lastProgress.store(sinceStart(), ordering: .relaxed) }
                     }
                 }

@@ -56,6 +56,29 @@ struct KafkaMultiProcessTests {
                 .reduce(0) { $0 + Int($1.committed?.rawValue ?? 0) }
         }
 
+        /// Reads the sale's whole topic back and checks where each record is: on the partition
+        /// Kafka's murmur2 partitioner (Java's, kcat's) gives its key, the coupon id.
+        func expectMurmur2Placement(requests: Int) async throws {
+            let reader = try KafkaTransport(configuration: .init(bootstrapServers: bootstrap))
+            let ends = try await reader.endOffsets(topic: KafkaMultiProcessTests.topic)
+            var total = 0
+            var misplaced: [String] = []
+            for (p, end) in ends {
+                var next: Int64 = 0
+                while next < end.rawValue {
+                    let got = try await reader.read(topic: KafkaMultiProcessTests.topic, partition: p, from: Offset(next), maxRecords: 1_000)
+                    try #require(!got.isEmpty, "partition \(p) ends at \(end) but reads stop at \(next)")
+                    for r in got where try Murmur2Partitioner().partition(forKey: r.key ?? [], partitionCount: ends.count) != p {
+                        misplaced.append("\(p)@\(r.offset) key \(String(decoding: r.key ?? [], as: UTF8.self))")
+                    }
+                    next = got.last!.offset.rawValue + 1
+                    total += got.count
+                }
+            }
+            #expect(total == requests)
+            #expect(misplaced.isEmpty, "records not on their key's murmur2 partition: \(misplaced.prefix(5))")
+        }
+
         /// Stops the cluster with SIGTERM and checks that it exits by itself, cleanly.
         func stop() async {
             process.kill(SIGTERM)
@@ -185,6 +208,7 @@ struct KafkaMultiProcessTests {
                 #expect(await c.wait(timeout: .seconds(180)) == 0, "consumer \(i): \(c.stdout) \(c.stderr.suffix(3000))")
             }
             #expect(try await mock.committed() == requests)
+            try await mock.expectMurmur2Placement(requests: requests)
             try await Self.audit(sale, requests: requests, coupons: 4, stock: 100, in: dir)
             await mock.stop()
         }

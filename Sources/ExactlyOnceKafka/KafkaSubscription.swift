@@ -63,7 +63,14 @@ final class ConsumerCore: @unchecked Sendable {
     }
 
     func rebalance(_ rk: OpaquePointer, _ err: rd_kafka_resp_err_t, _ partitions: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?) {
-        let cooperative = String(cString: rd_kafka_rebalance_protocol(rk)) == "COOPERATIVE"
+        // The protocol the group negotiated; NULL while the consumer's group handler is shutting
+        // down (a revocation served by close()): then the configured assignor's.
+        let cooperative: Bool
+        if let protocolName = rd_kafka_rebalance_protocol(rk) {
+            cooperative = String(cString: protocolName) == "COOPERATIVE"
+        } else {
+            cooperative = !configuration.assignor.isEager
+        }
         var listed: [PartitionID] = []
         if let partitions {
             for i in 0..<Int(partitions.pointee.cnt) {

@@ -44,7 +44,7 @@ struct MemorySale: SaleTransport {
     func isFullyCommitted() async throws -> Bool { transport.isFullyCommitted(group: saleGroup, topic: saleTopic) }
     func crashed(memberID: String) { transport.expel(memberID: memberID, group: saleGroup, topic: saleTopic) }
     var deliveredRecords: Int? { transport.deliveredRecords }
-    /// The seed's `couponId % partitions`.
+    /// `couponId % partitions` (``ModuloPartitioner``).
     var partitioning: Partitioning { .modulo }
 }
 
@@ -67,7 +67,7 @@ struct RedisSale: SaleTransport {
     // The member comes back under the same id: its new session starts from the committed offsets.
     func crashed(memberID: String) {}
     var deliveredRecords: Int? { nil }
-    /// The seed's `couponId % partitions`.
+    /// `couponId % partitions` (``ModuloPartitioner``).
     var partitioning: Partitioning { .modulo }
 }
 

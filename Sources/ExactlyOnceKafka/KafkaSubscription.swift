@@ -41,6 +41,10 @@ final class ConsumerCore: @unchecked Sendable {
     var lastError: ExactlyOnceError?
     /// Holds commits back while a cooperative group rebalances (see ``CommitHold``).
     var hold: CommitHold
+    /// The rebalance protocol, once librdkafka has told it (see ``rebalanceIsCooperative(_:)``).
+    var cooperativeProtocol: Bool?
+    /// Set while ``KafkaSubscription/close()`` closes the librdkafka consumer.
+    var closing = false
     let onAssignment: @Sendable ([PartitionID: UInt64]?) -> Void
 
     let queue: DispatchQueue
@@ -63,14 +67,7 @@ final class ConsumerCore: @unchecked Sendable {
     }
 
     func rebalance(_ rk: OpaquePointer, _ err: rd_kafka_resp_err_t, _ partitions: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?) {
-        // The protocol the group negotiated; NULL while the consumer's group handler is shutting
-        // down (a revocation served by close()): then the configured assignor's.
-        let cooperative: Bool
-        if let protocolName = rd_kafka_rebalance_protocol(rk) {
-            cooperative = String(cString: protocolName) == "COOPERATIVE"
-        } else {
-            cooperative = !configuration.assignor.isEager
-        }
+        let cooperative = rebalanceIsCooperative(rk)
         var listed: [PartitionID] = []
         if let partitions {
             for i in 0..<Int(partitions.pointee.cnt) {
@@ -134,6 +131,19 @@ final class ConsumerCore: @unchecked Sendable {
     static func meansRebalancing(_ err: rd_kafka_resp_err_t) -> Bool {
         err == RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS || err == RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION
             || err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID
+    }
+
+    /// Whether the group rebalances cooperatively: the protocol librdkafka negotiated, asked once
+    /// and kept (it never changes for a consumer). Never asked while closing: there
+    /// `rd_kafka_rebalance_protocol` returns NULL, or blocks for good (confluentinc/librdkafka#4041);
+    /// then, and before the first join, the configured assignor decides.
+    func rebalanceIsCooperative(_ rk: OpaquePointer) -> Bool {
+        if let cooperativeProtocol { return cooperativeProtocol }
+        if !closing, let name = rd_kafka_rebalance_protocol(rk).map({ String(cString: $0) }), name != "NONE" {
+            cooperativeProtocol = name == "COOPERATIVE"
+            return name == "COOPERATIVE"
+        }
+        return !configuration.assignor.isEager
     }
 
     /// Commits `offsets` synchronously with a deadline; returns per-partition errors.
@@ -506,6 +516,22 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
             guard let h = core.handle, !core.closed else { return }
             // Leaving: a commit now cannot cost a later rebalance of this member.
             core.retryPending(h.pointer, evenIfHeld: true)
+            // Give the assignment up before closing. librdkafka before 2.4 can hang for good in a
+            // rebalance call made while the consumer closes, when the group hands a cooperative
+            // member an assignment at that moment (confluentinc/librdkafka#4527): unsubscribe, and
+            // serve the revocation (and any rebalance event already queued) in ordinary polls
+            // until nothing is assigned and no event comes, within operationTimeout.
+            let leaveBy = ContinuousClock.now + core.configuration.operationTimeout
+            if rd_kafka_unsubscribe(h.pointer) == RD_KAFKA_RESP_ERR_NO_ERROR {
+                var quiet = false
+                while !quiet && ContinuousClock.now < leaveBy {
+                    core.rebalanced = false
+                    let m = rd_kafka_consumer_poll(h.pointer, 100)
+                    if let m { rd_kafka_message_destroy(m) }
+                    quiet = m == nil && !core.rebalanced && core.assignment.isEmpty
+                }
+            }
+            core.closing = true
             if let q = rd_kafka_queue_new(h.pointer) {
                 if let error = rd_kafka_consumer_close_queue(h.pointer, q) { rd_kafka_error_destroy(error) }
                 let deadline = ContinuousClock.now + core.configuration.operationTimeout

@@ -21,6 +21,9 @@ protocol SaleTransport: Sendable {
     /// Records delivered to this process's members, when the transport counts them (polls that
     /// an injected crash interrupted included).
     var deliveredRecords: Int? { get }
+    /// How the sale's clicks are partitioned, by their key (the coupon id): every click of a
+    /// coupon goes to one partition, so the coupon's first come, first served order holds.
+    var partitioning: Partitioning { get }
 }
 
 extension SaleTransport {
@@ -41,6 +44,8 @@ struct MemorySale: SaleTransport {
     func isFullyCommitted() async throws -> Bool { transport.isFullyCommitted(group: saleGroup, topic: saleTopic) }
     func crashed(memberID: String) { transport.expel(memberID: memberID, group: saleGroup, topic: saleTopic) }
     var deliveredRecords: Int? { transport.deliveredRecords }
+    /// `couponId % partitions` (``ModuloPartitioner``).
+    var partitioning: Partitioning { .modulo }
 }
 
 /// Redis Streams, shared by every process that runs the same sale (same parameters and seed).
@@ -62,6 +67,8 @@ struct RedisSale: SaleTransport {
     // The member comes back under the same id: its new session starts from the committed offsets.
     func crashed(memberID: String) {}
     var deliveredRecords: Int? { nil }
+    /// `couponId % partitions` (``ModuloPartitioner``).
+    var partitioning: Partitioning { .modulo }
 }
 
 /// Retries `body` while a backend is unreachable, for up to about a minute (`attempts` × 100 ms).
@@ -111,11 +118,12 @@ func makeStore(_ o: SaleOptions) async throws -> any DedupeStore<EffectTransacti
 /// order: per partition, the log holds a prefix of that partition's requests (batches are
 /// accepted as per-partition prefixes), so after a kill or an unknown outcome the end offsets
 /// say exactly where to go on.
-func publishSale<T: MessageTransport>(_ requests: [CouponRequest], partitions: Int, transport: T,
+func publishSale<T: MessageTransport>(_ requests: [CouponRequest], partitions: Int, partitioning: Partitioning, transport: T,
                                       endOffsets: () async throws -> [PartitionID: Offset],
                                       published: @Sendable (Int) -> Void) async throws {
+    // Each partition's requests in publish order, by the partition the transport puts them in.
     var queues = Array(repeating: [CouponRequest](), count: partitions)
-    for r in requests { queues[Int(r.couponId % Int64(partitions))].append(r) }
+    for r in requests { queues[try partitioning.resolve(key: r.recordKey, partitionCount: partitions).rawValue].append(r) }
     let batchSize = 2_048
     while true {
         let ends = try await retrying { try await endOffsets() }
@@ -145,7 +153,7 @@ func publishSale<T: MessageTransport>(_ requests: [CouponRequest], partitions: I
             }
             if batch.isEmpty { return }
             do {
-                let report = try await transport.publish(batch, to: saleTopic, partitioning: .modulo)
+                let report = try await transport.publish(batch, to: saleTopic, partitioning: partitioning)
                 if report.allAccepted {
                     next = taken
                     published(next.reduce(0, +))

@@ -9,7 +9,7 @@ struct KafkaSale: SaleTransport {
     /// The in-process cluster when no brokers were given (kept alive with the sale).
     let mock: KafkaMockCluster?
 
-    init(brokers: String?, sessionTimeout: Duration, partitions: Int) async throws {
+    init(brokers: String?, sessionTimeout: Duration, partitions: Int, properties: [String: String] = [:]) async throws {
         var mock: KafkaMockCluster?
         let bootstrap: String
         if let brokers {
@@ -25,15 +25,31 @@ struct KafkaSale: SaleTransport {
         // The mock cluster forms no group below 3 s; a shorter session moves a dead member's
         // partitions sooner.
         config.sessionTimeout = max(.seconds(3), min(sessionTimeout, .seconds(30)))
+        // librdkafka's own log (connection refused, brokers down) stays off standard error: what
+        // it costs reaches the sale as errors. --kafka-property log_level=3 (or debug=...) shows it.
+        config.logLevel = 2
+        config.extraProperties = properties
         let transport = try KafkaTransport(configuration: config)
         self.transport = transport
         self.mock = mock
-        // Brokers that are not there at the start are a setup error: say so after a few tries.
-        let count = try await retrying(attempts: 50) { try await transport.partitionCount(of: saleTopic) }
+        // Brokers that are not there at the start are a setup error: say so after a few seconds
+        // (each try bounded too: a closed port fails fast, a server that never answers does not).
+        // The in-process mock answers at once; it gets more time on a loaded machine.
+        let bound: Duration = mock == nil ? .seconds(5) : .seconds(30)
+        func topicPartitions(_ topic: String) async throws -> Int {
+            do {
+                return try await retrying(attempts: 1_000, within: bound) {
+                    try await transport.partitionCount(of: topic, timeout: .seconds(2))
+                }
+            } catch let e as ExactlyOnceError where e.isRetriable {
+                throw DemoError(message: "no Kafka broker of \(bootstrap) answered within \(bound) (\(e.message))")
+            }
+        }
+        let count = try await topicPartitions(saleTopic)
         guard count == partitions else {
             throw DemoError.usage("topic \(saleTopic) on \(bootstrap) has \(count) partitions, the sale wants --partitions \(partitions)")
         }
-        _ = try await retrying(attempts: 50) { try await transport.partitionCount(of: saleTopic + ".dlq") }
+        _ = try await topicPartitions(saleTopic + ".dlq")
     }
 
     func endOffsets() async throws -> [PartitionID: Offset] { try await transport.endOffsets(topic: saleTopic) }
@@ -41,6 +57,9 @@ struct KafkaSale: SaleTransport {
     // The member comes back at once under the same id, from the committed offsets.
     func crashed(memberID: String) { transport.restartMember(memberID, group: saleGroup, topic: saleTopic) }
     var deliveredRecords: Int? { nil }
+    /// Kafka's own partitioner, murmur2 of the key: the partition a Java producer, or
+    /// librdkafka/kcat with `partitioner=murmur2_random`, picks for the same coupon.
+    var partitioning: Partitioning { .murmur2 }
 }
 
 /// `coupon-demo kafka-mock --brokers 3 --bootstrap-file F`: a standalone mock Kafka cluster for
@@ -65,14 +84,20 @@ struct KafkaMockCommand: AsyncParsableCommand {
     @Option(help: "Partitions of the sale's topic.")
     var partitions = 3
 
+    @Option(name: .customLong("kafka-property"), help: ArgumentHelp(
+        "A librdkafka property NAME=VALUE of the handle hosting the cluster (repeatable): debug=mock logs its group state machine.",
+        valueName: "name=value"))
+    var kafkaProperties: [String] = []
+
     mutating func validate() throws {
         guard (1...32).contains(brokers) else { throw ValidationError("--brokers must be in 1...32, got \(brokers)") }
         guard (1...1024).contains(partitions) else { throw ValidationError("--partitions must be in 1...1024, got \(partitions)") }
         guard !bootstrapFile.isEmpty else { throw ValidationError("--bootstrap-file needs a path") }
+        _ = try SaleOptions.parseKafkaProperties(kafkaProperties)
     }
 
     mutating func run() async throws {
-        let cluster = try KafkaMockCluster(brokers: brokers)
+        let cluster = try KafkaMockCluster(brokers: brokers, properties: try SaleOptions.parseKafkaProperties(kafkaProperties))
         try cluster.createTopic(saleTopic, partitions: partitions)
         try cluster.createTopic(saleTopic + ".dlq", partitions: 1)
         signal(SIGTERM, SIG_IGN)

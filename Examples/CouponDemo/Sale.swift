@@ -88,7 +88,8 @@ struct SaleRunner {
                                            sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
             return try await run(sale: sale, store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
         case .kafka:
-            let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
+            let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions,
+                                           properties: try SaleOptions.parseKafkaProperties(o.kafkaProperties))
             return try await run(sale: sale, store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
         case .memory:
             return try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
@@ -118,7 +119,8 @@ struct SaleRunner {
                                                sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
                 status = try await run(sale: sale, store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
             case .kafka:
-                let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
+                let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions,
+                                           properties: try SaleOptions.parseKafkaProperties(o.kafkaProperties))
                 status = try await run(sale: sale, store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
             case .memory:
                 status = try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
@@ -161,7 +163,7 @@ struct SaleRunner {
             if o.role == .all || o.role == .publish {
                 // The API side: publish every click at once, in batches; each coupon's clicks keep their order.
                 tasks.addTask {
-                    try await publishSale(requests, partitions: o.partitions, transport: sale.transport, endOffsets: { try await sale.endOffsets() }) { n in
+                    try await publishSale(requests, partitions: o.partitions, partitioning: sale.partitioning, transport: sale.transport, endOffsets: { try await sale.endOffsets() }) { n in
                         if progress.published.exchange(n, ordering: .relaxed) != n { counters.lastProgress.store(sinceStart(), ordering: .relaxed) }
                     }
                 }
@@ -182,7 +184,10 @@ struct SaleRunner {
                     // loop ends so the sale's error is reported instead of polling on in silence.
                     while !counters.done.load(ordering: .acquiring) && !Task.isCancelled {
                         do {
-                            if session == nil { session = try await consumer.makeSession() }
+                            if session == nil {
+                                session = try await consumer.makeSession()
+                                logger.info("session started (in the sale's group)", metadata: ["member": "\(id)", "group": "\(saleGroup)"])
+                            }
                             let r = try await session!.step()
                             failures = 0
                             counters.polled.add(r.records, ordering: .relaxed)
@@ -213,9 +218,26 @@ struct SaleRunner {
             if !memberIDs.isEmpty {
                 tasks.addTask {
                     let stall = o.stallTimeout * 1000
+                    // The sale's progress elsewhere (other processes' members): the log's end and
+                    // the group's committed offsets, looked at once this process has been quiet
+                    // for a while. A member that owns no partition (more members than partitions)
+                    // is idle, not stalled, while the others go on.
+                    var elsewhere: Int64?
+                    var lookedElsewhere = 0
                     while !((try? await sale.isFinished(total: requests.count)) ?? false) {
                         try await Task.sleep(for: .milliseconds(Sale.self == MemorySale.self ? 2 : 20))
-                        let quiet = sinceStart() - counters.lastProgress.load(ordering: .relaxed)
+                        var quiet = sinceStart() - counters.lastProgress.load(ordering: .relaxed)
+                        if quiet > min(stall / 2, 5_000) && sinceStart() - lookedElsewhere >= 1_000 {
+                            lookedElsewhere = sinceStart()
+                            if let status = try? await sale.transport.partitionStatus(group: saleGroup, topic: saleTopic) {
+                                let total = status.reduce(Int64(0)) { $0 + $1.end.rawValue + ($1.committed?.rawValue ?? 0) }
+                                if elsewhere != nil && elsewhere != total {
+                                    counters.lastProgress.store(sinceStart(), ordering: .relaxed)
+                                    quiet = 0
+                                }
+                                elsewhere = total
+                            }
+                        }
                         if quiet > stall {
                             // Where it stands, per partition: what an operator needs to see why.
                             let status = (try? await sale.transport.partitionStatus(group: saleGroup, topic: saleTopic))?
@@ -235,8 +257,11 @@ struct SaleRunner {
             let draw = Task { await progress.run(total: requests.count, since: start) }
             defer { draw.cancel() }
             do {
-                try await tasks.waitForAll()
+                // Not waitForAll(): it waits for every task before it rethrows the first error,
+                // and the consumer tasks only stop when the sale is over or they are cancelled.
+                while try await tasks.next() != nil {}
             } catch {
+                tasks.cancelAll()
                 draw.cancel()
                 progress.clear()
                 throw error

@@ -73,6 +73,11 @@ struct SaleOptions: ParsableArguments, Sendable {
     @Option(name: .customLong("kafka-brokers"), help: "Kafka bootstrap servers HOST:PORT[,...] with --transport kafka (default: an in-process mock cluster).")
     var kafkaBrokers: String?
 
+    @Option(name: .customLong("kafka-property"), help: ArgumentHelp(
+        "A librdkafka property NAME=VALUE for the sale's Kafka clients (repeatable): TLS or SASL settings, debug=cgrp.",
+        valueName: "name=value"))
+    var kafkaProperties: [String] = []
+
     @Option(name: .customLong("data-dir"), help: "Where the file store keeps the sale (DIR/sale-<id>, with --store file).")
     var dataDir: String?
 
@@ -154,6 +159,8 @@ struct SaleOptions: ParsableArguments, Sendable {
             throw bad("--redis-url is used with --store redis or --transport redis-streams")
         }
         if kafkaBrokers != nil && transport != .kafka { throw bad("--kafka-brokers is used with --transport kafka") }
+        if !kafkaProperties.isEmpty && transport != .kafka { throw bad("--kafka-property is used with --transport kafka") }
+        _ = try Self.parseKafkaProperties(kafkaProperties)
         if let kafkaBrokers {
             let parts = kafkaBrokers.split(separator: ",", omittingEmptySubsequences: false)
             for part in parts {
@@ -201,6 +208,22 @@ struct SaleOptions: ParsableArguments, Sendable {
                 throw ValidationError("--data-dir \(path) cannot be created: \(existing) is not a directory")
             }
         }
+    }
+
+    /// `--kafka-property NAME=VALUE` flags as librdkafka properties (the value may contain `=`).
+    static func parseKafkaProperties(_ flags: [String]) throws -> [String: String] {
+        var out: [String: String] = [:]
+        for flag in flags {
+            guard let eq = flag.firstIndex(of: "="), eq != flag.startIndex,
+                  !flag.contains(where: { $0.isNewline || $0 == "\0" })
+            else { throw ValidationError("--kafka-property must be NAME=VALUE (a librdkafka property), got \"\(flag.prefix(100))\"") }
+            let name = String(flag[..<eq])
+            guard !["group.id", "enable.auto.commit"].contains(name) else {
+                throw ValidationError("--kafka-property \(name) is fixed by the library (the sale's group, manual commits)")
+            }
+            out[name] = String(flag[flag.index(after: eq)...])
+        }
+        return out
     }
 
     /// The number of consumer members this process runs.

@@ -20,11 +20,14 @@ public final class KafkaMockCluster: @unchecked Sendable {
     public let brokerCount: Int
 
     /// Starts a cluster of `brokers` brokers on free local ports.
-    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for fewer than 1 broker,
-    ///   `ExactlyOnceError/Code/transportFailure` when librdkafka cannot start it.
-    public init(brokers: Int = 3) throws {
+    /// - Parameter properties: librdkafka properties of the handle that hosts the cluster
+    ///   (`debug=mock` logs the mock's group state machine on standard error). Default: none.
+    /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for a broker count outside 1...32
+    ///   or a property librdkafka refuses, `ExactlyOnceError/Code/transportFailure` when
+    ///   librdkafka cannot start it.
+    public init(brokers: Int = 3, properties: [String: String] = [:]) throws {
         guard (1...32).contains(brokers) else { throw ExactlyOnceError(.invalidConfiguration, "a mock cluster needs 1...32 brokers, got \(brokers)") }
-        let conf = try KafkaConf([("log_level", "3")])
+        let conf = try KafkaConf([("log_level", "3")] + properties.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
         let h = try KafkaHandle(type: RD_KAFKA_PRODUCER, conf: conf)
         guard let mc = rd_kafka_mock_cluster_new(h.pointer, Int32(brokers)) else {
             throw ExactlyOnceError(.transportFailure, "rd_kafka_mock_cluster_new failed")

@@ -39,6 +39,12 @@ final class ConsumerCore: @unchecked Sendable {
     /// Records fetched while waiting for the join, handed out by the next poll.
     var carry: [ConsumedRecord] = []
     var lastError: ExactlyOnceError?
+    /// Holds commits back while a cooperative group rebalances (see ``CommitHold``).
+    var hold: CommitHold
+    /// The rebalance protocol, once librdkafka has told it (see ``rebalanceIsCooperative(_:)``).
+    var cooperativeProtocol: Bool?
+    /// Set while ``KafkaSubscription/close()`` closes the librdkafka consumer.
+    var closing = false
     let onAssignment: @Sendable ([PartitionID: UInt64]?) -> Void
 
     let queue: DispatchQueue
@@ -51,6 +57,7 @@ final class ConsumerCore: @unchecked Sendable {
         self.memberID = memberID
         self.configuration = configuration
         self.onAssignment = onAssignment
+        hold = CommitHold(limit: max(configuration.maxPollInterval, configuration.sessionTimeout))
     }
 
     func currentGeneration(_ rk: OpaquePointer) -> Int32 {
@@ -60,7 +67,7 @@ final class ConsumerCore: @unchecked Sendable {
     }
 
     func rebalance(_ rk: OpaquePointer, _ err: rd_kafka_resp_err_t, _ partitions: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?) {
-        let cooperative = String(cString: rd_kafka_rebalance_protocol(rk)) == "COOPERATIVE"
+        let cooperative = rebalanceIsCooperative(rk)
         var listed: [PartitionID] = []
         if let partitions {
             for i in 0..<Int(partitions.pointee.cnt) {
@@ -86,12 +93,17 @@ final class ConsumerCore: @unchecked Sendable {
                 committed[p] = nil
             }
             joined = true
+            if cooperative { hold.assigned() }
             retryPending(rk)
         } else {
             // Revocation: the member has finished (or given up) what it was handed, since this
             // runs inside its next poll; commit what is still pending before letting go.
             let revoked = cooperative ? listed : Array(assignment.keys)
-            if rd_kafka_assignment_lost(rk) == 0 { retryPending(rk, only: Set(revoked)) }
+            let lost = rd_kafka_assignment_lost(rk) != 0
+            // Sent now, before librdkafka joins again (after this callback), so it cannot be in
+            // flight across the next JoinGroup (see CommitHold).
+            if !lost { retryPending(rk, only: Set(revoked), evenIfHeld: true) }
+            if cooperative { hold.revoked(lost: lost) }
             if cooperative {
                 if let error = rd_kafka_incremental_unassign(rk, partitions) { rd_kafka_error_destroy(error) }
             } else {
@@ -106,6 +118,32 @@ final class ConsumerCore: @unchecked Sendable {
             carry.removeAll { revoked.contains($0.partition) }
         }
         onAssignment(assignment)
+    }
+
+    /// Whether commits are held back now (cooperative groups only; see ``CommitHold``).
+    var commitsHeld: Bool {
+        guard !configuration.assignor.isEager else { return false }
+        return hold.isHeld()
+    }
+
+    /// Broker answers to a commit that say the group is rebalancing, or has moved on without
+    /// this member's generation.
+    static func meansRebalancing(_ err: rd_kafka_resp_err_t) -> Bool {
+        err == RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS || err == RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION
+            || err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID
+    }
+
+    /// Whether the group rebalances cooperatively: the protocol librdkafka negotiated, asked once
+    /// and kept (it never changes for a consumer). Never asked while closing: there
+    /// `rd_kafka_rebalance_protocol` returns NULL, or blocks for good (confluentinc/librdkafka#4041);
+    /// then, and before the first join, the configured assignor decides.
+    func rebalanceIsCooperative(_ rk: OpaquePointer) -> Bool {
+        if let cooperativeProtocol { return cooperativeProtocol }
+        if !closing, let name = rd_kafka_rebalance_protocol(rk).map({ String(cString: $0) }), name != "NONE" {
+            cooperativeProtocol = name == "COOPERATIVE"
+            return name == "COOPERATIVE"
+        }
+        return !configuration.assignor.isEager
     }
 
     /// Commits `offsets` synchronously with a deadline; returns per-partition errors.
@@ -132,6 +170,7 @@ final class ConsumerCore: @unchecked Sendable {
                     per[PartitionID(Int(e.partition))] = e.err
                 }
             }
+            if Self.meansRebalancing(top) || per.values.contains(where: Self.meansRebalancing) { hold.commitRefusedByRebalance() }
             return (top, per)
         }
     }
@@ -169,8 +208,10 @@ final class ConsumerCore: @unchecked Sendable {
         }
     }
 
-    /// Retries pending commits of partitions still owned at the epoch they were made in.
-    func retryPending(_ rk: OpaquePointer, only: Set<PartitionID>? = nil) {
+    /// Retries pending commits of partitions still owned at the epoch they were made in (not
+    /// while commits are held, unless `evenIfHeld`).
+    func retryPending(_ rk: OpaquePointer, only: Set<PartitionID>? = nil, evenIfHeld: Bool = false) {
+        guard evenIfHeld || !commitsHeld else { return }
         var todo: [PartitionID: Int64] = [:]
         for (p, c) in pending {
             if let only, !only.contains(p) { continue }
@@ -208,7 +249,9 @@ final class ConsumerCore: @unchecked Sendable {
 public final class KafkaSubscription: TransportSubscription, @unchecked Sendable {
     /// The member id (the librdkafka `client.id`; Kafka gives the group member its own id).
     public let memberID: String
-    /// `kafka:<cluster id>/<group>/<topic>`.
+    /// `kafka:<cluster id>/<group>/<topic>`; for librdkafka's mock cluster the cluster part is
+    /// its id and its brokers' ports (`mockCluster1ffd65008614@38207,38211,40967`), since a
+    /// mock's id can repeat from one mock instance to the next.
     public let fencingScope: String
     let topic: String
     let group: String
@@ -399,6 +442,13 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
                 if o.rawValue > (core.committed[p] ?? -1) { todo[p] = o.rawValue }
             }
             guard !todo.isEmpty else { return }
+            if core.commitsHeld {
+                // The group is rebalancing: kept, and committed when the rebalance is over.
+                for (p, o) in todo {
+                    if let epoch = core.assignment[p] { core.pending[p] = (max(o, core.pending[p]?.offset ?? 0), epoch) }
+                }
+                throw ExactlyOnceError(.transportUnavailable, "commit of \(core.topic) by \(core.memberID) held while group \(group) rebalances; it is retried when the rebalance is over")
+            }
             let (top, per) = core.commitNow(rk, todo)
             var refused: ExactlyOnceError?
             for (p, o) in todo {
@@ -464,7 +514,24 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
         let core = self.core
         try await onQueue(queue) {
             guard let h = core.handle, !core.closed else { return }
-            core.retryPending(h.pointer)
+            // Leaving: a commit now cannot cost a later rebalance of this member.
+            core.retryPending(h.pointer, evenIfHeld: true)
+            // Give the assignment up before closing. librdkafka before 2.4 can hang for good in a
+            // rebalance call made while the consumer closes, when the group hands a cooperative
+            // member an assignment at that moment (confluentinc/librdkafka#4527): unsubscribe, and
+            // serve the revocation (and any rebalance event already queued) in ordinary polls
+            // until nothing is assigned and no event comes, within operationTimeout.
+            let leaveBy = ContinuousClock.now + core.configuration.operationTimeout
+            if rd_kafka_unsubscribe(h.pointer) == RD_KAFKA_RESP_ERR_NO_ERROR {
+                var quiet = false
+                while !quiet && ContinuousClock.now < leaveBy {
+                    core.rebalanced = false
+                    let m = rd_kafka_consumer_poll(h.pointer, 100)
+                    if let m { rd_kafka_message_destroy(m) }
+                    quiet = m == nil && !core.rebalanced && core.assignment.isEmpty
+                }
+            }
+            core.closing = true
             if let q = rd_kafka_queue_new(h.pointer) {
                 if let error = rd_kafka_consumer_close_queue(h.pointer, q) { rd_kafka_error_destroy(error) }
                 let deadline = ContinuousClock.now + core.configuration.operationTimeout

@@ -25,7 +25,8 @@ func onQueue<T: Sendable>(_ queue: DispatchQueue, _ body: @escaping @Sendable ()
 ///   poll hands a whole batch to Swift.
 /// - Epochs: a partition's epoch is the group generation in which this member was assigned it
 ///   (Kafka's generations grow with every rebalance of a group); the fencing scope names the
-///   cluster id, the group and the topic.
+///   cluster id (for librdkafka's mock cluster, its id and its brokers' ports), the group and
+///   the topic.
 public final class KafkaTransport: MessageTransport, Sendable {
     /// The subscription type.
     public typealias Subscription = KafkaSubscription
@@ -39,6 +40,7 @@ public final class KafkaTransport: MessageTransport, Sendable {
     private let groupReaders = Mutex<[String: KafkaHandle]>([:])
     private let reader = Mutex<KafkaHandle?>(nil)
     private let clusterIDCache = Mutex<String?>(nil)
+    private let fencingNameCache = Mutex<String?>(nil)
     let registry = SubscriptionRegistry()
 
     /// Connects (lazily: nothing is sent until the first call) to `configuration`'s cluster.
@@ -65,11 +67,48 @@ public final class KafkaTransport: MessageTransport, Sendable {
         return id
     }
 
+    /// The cluster's name in fencing scopes: its cluster id, except for librdkafka's mock
+    /// cluster. A mock's id is `mockCluster` and its memory address: two mocks one after the
+    /// other in a process (or in two processes without address space randomization) have the
+    /// same id, while their generations start again from 1, so a store that outlives one mock
+    /// would fence the next. A mock's name is therefore its id and its brokers' ports (which
+    /// the system chose for that very instance): `mockCluster1ffd65008614@38207,38211,40967`.
+    func fencingClusterName() async throws -> String {
+        if let name = fencingNameCache.withLock({ $0 }) { return name }
+        let id = try await clusterID()
+        var name = id
+        if id.hasPrefix("mockCluster") {
+            let rk = producer.handle
+            let timeout = milliseconds(configuration.operationTimeout)
+            let ports: [(id: Int32, port: Int32)] = try await onQueue(adminQueue) {
+                var md: UnsafePointer<rd_kafka_metadata>?
+                let err = rd_kafka_metadata(rk.pointer, 1, nil, &md, timeout)
+                guard err == RD_KAFKA_RESP_ERR_NO_ERROR, let md else { throw kafkaError(err, "broker list of the mock cluster \(id)") }
+                defer { rd_kafka_metadata_destroy(md) }
+                return (0..<Int(md.pointee.broker_cnt)).map { (md.pointee.brokers[$0].id, md.pointee.brokers[$0].port) }
+            }
+            guard !ports.isEmpty else { throw ExactlyOnceError(.transportUnavailable, "the mock cluster \(id) lists no brokers") }
+            name += "@" + ports.sorted { $0.id < $1.id }.map { "\($0.port)" }.joined(separator: ",")
+        }
+        fencingNameCache.withLock { $0 = name }
+        return name
+    }
+
     public func partitionCount(of topic: String) async throws -> Int {
+        try await partitionCount(of: topic, timeout: configuration.operationTimeout)
+    }
+
+    /// The partition count of `topic`, from the cluster's metadata within `timeout` (the first
+    /// answer is kept: later calls do not ask again). A short `timeout` tells a caller quickly
+    /// that no broker answers (a closed port, a server that accepts and never answers).
+    /// - Throws: `ExactlyOnceError/Code/unknownTopic` when the cluster does not have the
+    ///   topic; `ExactlyOnceError/Code/timeout` or `ExactlyOnceError/Code/transportUnavailable`
+    ///   (retriable) when no broker answered in time.
+    public func partitionCount(of topic: String, timeout: Duration) async throws -> Int {
         if let n = partitionCounts.withLock({ $0[topic] }) { return n }
         guard !topic.isEmpty else { throw ExactlyOnceError(.unknownTopic, "empty topic name") }
         let rk = producer.handle
-        let timeout = milliseconds(configuration.operationTimeout)
+        let timeout = max(1, milliseconds(timeout))
         let n: Int = try await onQueue(adminQueue) {
             // All topics: a request for one named topic would let the broker create it.
             var md: UnsafePointer<rd_kafka_metadata>?
@@ -135,7 +174,7 @@ public final class KafkaTransport: MessageTransport, Sendable {
             throw ExactlyOnceError(.invalidConfiguration, "group and member id must not be empty")
         }
         let partitions = try await partitionCount(of: topic)
-        let scope = "kafka:\(try await clusterID())/\(group)/\(topic)"
+        let scope = "kafka:\(try await fencingClusterName())/\(group)/\(topic)"
         if let core = restarting.withLock({ $0.removeValue(forKey: Self.memberKey(group, topic, memberID)) }) {
             let sub = KafkaSubscription(adopting: core, transport: self, partitions: partitions, fencingScope: scope)
             try await sub.adopt()

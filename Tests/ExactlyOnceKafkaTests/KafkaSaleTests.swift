@@ -74,8 +74,10 @@ final class KafkaSale: Sendable {
     let failedPublishes = Mutex(0)
 
     /// A sale of `clickCount` clicks over four coupons of small stock, with repeated clicks, on
-    /// a fresh topic of `cluster` (by default a cluster of its own).
-    init(seed: UInt64, clickCount: Int = 1500, cluster shared: KafkaMockCluster? = nil) throws {
+    /// a fresh topic of `cluster` (by default a cluster of its own), consumed by members using
+    /// `assignor`.
+    init(seed: UInt64, clickCount: Int = 1500, cluster shared: KafkaMockCluster? = nil,
+         assignor: KafkaTransport.Assignor = .cooperativeSticky) throws {
         cluster = try shared ?? KafkaMockCluster(brokers: 3)
         topic = "sale-\(seed)-\(String(UInt64.random(in: 0 ... .max), radix: 36))"
         try cluster.createTopic(topic, partitions: Self.partitions)
@@ -84,7 +86,7 @@ final class KafkaSale: Sendable {
         for p in 0..<Self.partitions { try cluster.setPartitionLeader(topic: topic, partition: p, broker: p + 1) }
         publisher = try KafkaTransport(configuration: SharedMock.configuration(for: cluster))
         var members = SharedMock.configuration(for: cluster)
-        members.assignor = .cooperativeSticky  // rebalances move only the partitions that change owner
+        members.assignor = assignor  // cooperative-sticky: rebalances move only the partitions that change owner
         consumers = try KafkaTransport(configuration: members)
         store = try InMemoryDedupeStore()
         let coupons = try SharedMock.coupons(4, coveringPartitions: Self.partitions)
@@ -317,10 +319,12 @@ struct KafkaSaleTests {
         try await sale.audit()
     }
 
-    /// A member is cancelled mid-sale (it leaves the group) and another joins: two cooperative
-    /// rebalances while records flow.
-    @Test func saleSurvivesAMemberLeavingAndAnotherJoining() async throws {
-        let sale = try KafkaSale(seed: 13)
+    /// A member is cancelled mid-sale (it leaves the group) and another joins: rebalances while
+    /// records flow, cooperative (only the partitions that move are revoked) and eager (`range`,
+    /// `roundrobin`: every rebalance revokes every partition of every member first).
+    @Test(arguments: KafkaTransport.Assignor.allCases)
+    func saleSurvivesAMemberLeavingAndAnotherJoining(assignor: KafkaTransport.Assignor) async throws {
+        let sale = try KafkaSale(seed: 13, assignor: assignor)
         let a = try sale.startMember("a")
         let b = try sale.startMember("b")
         try await sale.awaitAssignment(of: ["a", "b"])
@@ -336,6 +340,13 @@ struct KafkaSaleTests {
         let owners = try await sale.owners()
         #expect(!owners.values.contains("b"), "b still owns a partition after it left: \(owners)")
         try await sale.awaitDrained()
+        if assignor.isEager {
+            // Eager: the last rebalance revoked everything and handed every partition out again,
+            // so all of them carry that generation as their epoch (cooperative members keep the
+            // epochs of the partitions that did not move).
+            let epochs = try await sale.consumers.partitionStatus(group: sale.group, topic: sale.topic).map(\.epoch)
+            #expect(epochs.allSatisfy { $0 != nil } && Set(epochs).count == 1, "epochs after an eager rebalance: \(epochs)")
+        }
         await KafkaSale.stop([a, b, c])
         try await sale.audit()
     }

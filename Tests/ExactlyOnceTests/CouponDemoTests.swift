@@ -69,6 +69,78 @@ import Testing
         #expect((json["crashes"] as? Int ?? 0) > 0, "crashes were injected")
     }
 
+    /// `--kafka-property NAME=VALUE` reaches librdkafka: with `debug=metadata` its debug log
+    /// (which names the librdkafka version) goes to standard error; standard output stays one
+    /// JSON object.
+    @Test(.timeLimit(.minutes(2))) func kafkaPropertyReachesLibrdkafka() async throws {
+        let r = try await Self.run(["--json", "--transport", "kafka", "--requests", "0", "--kafka-property", "debug=metadata"])
+        #expect(r.status == 0, "\(r.err.suffix(2000))")
+        #expect(r.err.contains("librdkafka v") && r.err.contains("METADATA"), "librdkafka's debug log: \(r.err.prefix(500))")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any], "\(r.out)")
+        #expect(json["requests"] as? Int == 0 && json["lost"] as? Int == 0)
+    }
+
+    /// Two runs of `--transport kafka` on the in-process mock cluster with one `--store file`
+    /// directory: the first SIGKILLed mid-sale, the second finishes the sale with a clean audit,
+    /// and its records carry a fencing scope of their own. Each run's mock cluster is a new
+    /// cluster whose group generations start again from 1; librdkafka names a mock after its
+    /// memory address, so two runs (without address randomization, as here under `setarch -R`)
+    /// can get the same cluster id, and a shared scope would let the first run's higher epochs
+    /// fence the second. The scope names the mock's broker ports too.
+    @Test(.timeLimit(.minutes(3))) func kafkaRunsOnTheInProcessMockHaveAFencingScopeEach() async throws {
+        let dir = try ScratchDirectory("demo-kafka-scope")
+        defer { dir.cleanup() }
+        let flags = ["--transport", "kafka", "--store", "file", "--data-dir", dir.path, "--requests", "90000", "--coupons", "5",
+                     "--members", "20000", "--seed", "21", "--crash-rate", "0", "--json"]
+        // Address randomization off for both runs when setarch is there: the case where the two
+        // mocks' ids are the same.
+        let setarch = ChildProcess.which("setarch")
+        func start(_ extra: [String]) throws -> ChildProcess {
+            if let setarch { return try ChildProcess(setarch, ["-R", Self.binary.path] + flags + extra) }
+            return try ChildProcess(Self.binary, flags + extra)
+        }
+        func journalBytes() -> Int {
+            guard let sale = try? FileManager.default.contentsOfDirectory(atPath: dir.path).first(where: { $0.hasPrefix("sale-") }),
+                  let names = try? FileManager.default.contentsOfDirectory(atPath: dir.path + "/" + sale) else { return 0 }
+            return names.filter { $0.hasSuffix(".eoj") }.reduce(0) { total, name in
+                total + ((try? FileManager.default.attributesOfItem(atPath: dir.path + "/" + sale + "/" + name)[.size] as? Int) ?? 0)
+            }
+        }
+        let first = try start([])
+        let deadline = ContinuousClock.now + .seconds(90)
+        while journalBytes() < 1_000_000 && first.isRunning && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        #expect(first.isRunning, "the kill must land mid-sale: \(first.stdout) \(first.stderr)")
+        first.kill()
+        await first.wait()
+
+        let second = try start([])
+        #expect(await second.wait(timeout: .seconds(120)) == 0, "\(second.stdout) \(second.stderr)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(second.stdout.utf8)) as? [String: Any], "\(second.stdout) \(second.stderr)")
+        for field in ["overIssued", "doubleIssued", "lost", "fcfsViolations"] { #expect(json[field] as? Int == 0, "\(field): \(second.stdout)") }
+        #expect(json["transport"] as? String == "kafka")
+
+        // The fencing scopes the sale's records carry, without the partition: one per run.
+        let sale = try #require(json["sale"] as? String)
+        var clusters = Set<String>()
+        var cursor: String?
+        var pages = 0
+        repeat {
+            let r = try await ChildProcess.run(ChildProcess.builtProduct("exactly-once-admin"),
+                                               ["keys", "--data-dir", dir.path, "--sale", sale, "--json", "--limit", "10000"] + (cursor.map { ["--cursor", $0] } ?? []))
+            try #require(r.status == 0, "\(r.err)")
+            let page = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+            for record in page["records"] as? [[String: Any]] ?? [] {
+                if let scope = record["fenceScope"] as? String { clusters.insert(String(scope.split(separator: "/").first ?? "")) }
+            }
+            cursor = page["nextCursor"] as? String
+            pages += 1
+        } while cursor != nil && pages < 100
+        #expect(clusters.count == 2, "two mock clusters, two fencing scopes: \(clusters)")
+        #expect(clusters.allSatisfy { $0.hasPrefix("kafka:mockCluster") && $0.contains("@") }, "\(clusters)")
+    }
+
     /// `--log-level`: off by default (standard error stays quiet); from `info` up the library's
     /// messages go to standard error, and standard output stays one JSON object.
     @Test func logLevelSendsTheLibrarysMessagesToStandardError() async throws {
@@ -91,7 +163,11 @@ import Testing
                      ["--transport", "kafka", "--kafka-brokers", "127.0.0.1:9092"], ["--role", "publish", "--transport", "kafka", "--store", "redis"],
                      ["--transport", "redis-streams"], ["--role", "consume"], ["--role", "boss"], ["--member-id", "a"],
                      ["--redis-url", "redis://127.0.0.1:1"], ["--store", "redis", "--redis-url", "http://example.com"],
-                     ["--store", "redis", "--redis-url", "redis://u:hunter2@127.0.0.1:99999"]] {
+                     ["--store", "redis", "--redis-url", "redis://u:hunter2@127.0.0.1:99999"],
+                     ["--kafka-property", "debug=cgrp"], ["--transport", "kafka", "--kafka-property", "debug"],
+                     ["--transport", "kafka", "--kafka-property", "=cgrp"], ["--transport", "kafka", "--kafka-property", "group.id=other"],
+                     ["--transport", "kafka", "--kafka-property", "no.such.property=1"],
+                     ["kafka-mock", "--bootstrap-file", "/tmp/never-written", "--kafka-property", "debug"]] {
             let r = try await Self.run(args)
             #expect(r.status == 2, "\(args)")
             #expect(r.err.contains("coupon-demo:"), "\(args): \(r.err)")
@@ -143,6 +219,49 @@ import Testing
         let r = try await Self.run(["--store", "redis", "--redis-url", "unix:///nonexistent/redis.sock", "--requests", "10"])
         #expect(r.status == 1)
         #expect(r.err.contains("cannot reach the backend"), "\(r.err)")
+    }
+
+    /// A TCP listener on a free local port that completes connections (the kernel's backlog)
+    /// and never reads nor answers: a "broker" that accepts and stays silent. Closed in `body`'s
+    /// wake.
+    static func withSilentListener<T>(_ body: (Int) async throws -> T) async throws -> T {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 && listen(fd, 64) == 0
+            }
+        }
+        try #require(ok, "cannot listen on a local port")
+        return try await body(Int(UInt16(bigEndian: addr.sin_port)))
+    }
+
+    /// `--kafka-brokers` that nobody answers is a clear error within seconds (exit status 1, as
+    /// other backend failures), whether the port is closed (connection refused) or a server
+    /// accepts the connection and never answers; never a minute of retries, never a hang.
+    @Test(.timeLimit(.minutes(2))) func unreachableKafkaBrokersAreAClearErrorWithinSeconds() async throws {
+        let dir = try ScratchDirectory("demo-kafka-unreachable")
+        defer { dir.cleanup() }
+        // A closed port: one that was just listened on and closed again.
+        let closedPort = try await Self.withSilentListener { $0 }
+        try await Self.withSilentListener { silentPort in
+            for (what, port) in [("a closed port", closedPort), ("a server that never answers", silentPort)] {
+                let started = ContinuousClock.now
+                let r = try await ChildProcess.run(Self.binary, ["--transport", "kafka", "--kafka-brokers", "127.0.0.1:\(port)",
+                                                                 "--store", "file", "--data-dir", dir.path + "/\(port)", "--requests", "100"],
+                                                   timeout: .seconds(60))
+                let took = ContinuousClock.now - started
+                #expect(r.status == 1, "\(what): \(r.err)")
+                #expect(r.err.contains("coupon-demo: no Kafka broker of 127.0.0.1:\(port) answered within"), "\(what): \(r.err)")
+                #expect(r.err.split(separator: "\n").count == 1, "one line, not librdkafka's log: \(r.err)")
+                #expect(took < .seconds(30), "\(what): the error took \(took)")
+            }
+        }
     }
 
     @Test func partitionSubcommandMapsKeysAndReportsBadLines() async throws {

@@ -36,7 +36,10 @@ public final class CouponServiceCore<Backend: CouponBackend>: Sendable {
         if options.role != .consumer {
             var pc = BufferedProducer<Backend.Transport>.Configuration()
             pc.linger = options.linger
-            clickProducer = try BufferedProducer(transport: backend.transport, topic: ServiceTopics.clicks, partitioning: .modulo, configuration: pc, logger: logger)
+            // Clicks are keyed by coupon id. On Kafka they go where Kafka's own partitioner puts
+            // that key (murmur2, as a Java or kcat producer would); elsewhere couponId % n.
+            let clicks: Partitioning = options.transport == .kafka ? .murmur2 : .modulo
+            clickProducer = try BufferedProducer(transport: backend.transport, topic: ServiceTopics.clicks, partitioning: clicks, configuration: pc, logger: logger)
             eventProducer = try BufferedProducer(transport: backend.transport, topic: ServiceTopics.orderEvents,
                                                  partitioning: .keyed(Murmur2Partitioner()), configuration: pc, logger: logger)
         } else {

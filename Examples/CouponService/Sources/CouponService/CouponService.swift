@@ -28,6 +28,12 @@ public final class CouponServiceCore<Backend: CouponBackend>: Sendable {
     public let legacyResponses = Atomic<Int>(0)
     let redisCacheFailures = Counter(label: "coupon_service_read_cache_failures")
 
+    /// How clicks (keyed by coupon id) are partitioned: on Kafka where Kafka's own partitioner
+    /// puts the key (murmur2, as a Java or kcat producer would), elsewhere `couponId % n`.
+    public static func clickPartitioning(_ options: ServiceOptions) -> Partitioning {
+        options.transport == .kafka ? .murmur2 : .modulo
+    }
+
     /// Builds the parts; nothing runs until ``services()`` run.
     public init(backend: Backend, options: ServiceOptions, logger: Logger) throws {
         self.backend = backend
@@ -36,10 +42,8 @@ public final class CouponServiceCore<Backend: CouponBackend>: Sendable {
         if options.role != .consumer {
             var pc = BufferedProducer<Backend.Transport>.Configuration()
             pc.linger = options.linger
-            // Clicks are keyed by coupon id. On Kafka they go where Kafka's own partitioner puts
-            // that key (murmur2, as a Java or kcat producer would); elsewhere couponId % n.
-            let clicks: Partitioning = options.transport == .kafka ? .murmur2 : .modulo
-            clickProducer = try BufferedProducer(transport: backend.transport, topic: ServiceTopics.clicks, partitioning: clicks, configuration: pc, logger: logger)
+            clickProducer = try BufferedProducer(transport: backend.transport, topic: ServiceTopics.clicks,
+                                                 partitioning: Self.clickPartitioning(options), configuration: pc, logger: logger)
             eventProducer = try BufferedProducer(transport: backend.transport, topic: ServiceTopics.orderEvents,
                                                  partitioning: .keyed(Murmur2Partitioner()), configuration: pc, logger: logger)
         } else {

@@ -20,8 +20,10 @@ public final class KafkaMockCluster: @unchecked Sendable {
     public let brokerCount: Int
 
     /// Starts a cluster of `brokers` brokers on free local ports.
-    /// - Parameter properties: librdkafka properties of the handle that hosts the cluster
-    ///   (`debug=mock` logs the mock's group state machine on standard error). Default: none.
+    /// - Parameters:
+    ///   - brokers: How many brokers (1...32). Default: 3.
+    ///   - properties: librdkafka properties of the handle that hosts the cluster
+    ///     (`debug=mock` logs the mock's group state machine on standard error). Default: none.
     /// - Throws: `ExactlyOnceError/Code/invalidConfiguration` for a broker count outside 1...32
     ///   or a property librdkafka refuses, `ExactlyOnceError/Code/transportFailure` when
     ///   librdkafka cannot start it.

@@ -14,6 +14,8 @@ final class CountingTransport: MessageTransport {
     let joins = Atomic<Int>(0)
     let closes = Atomic<Int>(0)
     let pollError = Mutex<ExactlyOnceError?>(nil)
+    /// Thrown by `subscribe` when set (a backend refusing the configuration, say).
+    let subscribeError = Mutex<ExactlyOnceError?>(nil)
     init(base: InMemoryTransport) { self.base = base }
 
     func partitionCount(of topic: String) async throws -> Int { try await base.partitionCount(of: topic) }
@@ -25,6 +27,7 @@ final class CountingTransport: MessageTransport {
         try await base.read(topic: topic, partition: partition, from: offset, maxRecords: maxRecords)
     }
     func subscribe(topic: String, group: String, memberID: String) async throws -> Sub {
+        if let e = subscribeError.withLock({ $0 }) { throw e }
         joins.add(1, ordering: .relaxed)
         return Sub(base: try await base.subscribe(topic: topic, group: group, memberID: memberID), owner: self)
     }
@@ -133,6 +136,22 @@ final class CountingTransport: MessageTransport {
         #expect(error?.code == .transportFailure)
         #expect(t.closes.load(ordering: .relaxed) == 1)
         #expect(t.base.assignment(group: "g", topic: "coupons").isEmpty)
+    }
+
+    /// A configuration the backend refuses when the consumer joins is not retried: `run()`
+    /// throws it at once (within a second, not after rounds of backoff).
+    @Test func aConfigurationTheBackendRefusesStopsRunAtOnce() async throws {
+        let t = CountingTransport(base: try InMemoryTransport(topics: ["coupons": 2, "coupons.dlq": 1]))
+        t.subscribeError.withLock { $0 = ExactlyOnceError(.invalidConfiguration, "session.timeout.ms refused by the broker (injected)") }
+        let consumer = try Self.consumer(t) { c in
+            c.unavailableBackoff.initial = .seconds(5)
+            c.unavailableBackoff.maximum = .seconds(5)
+        }
+        let start = ContinuousClock.now
+        let error = await #expect(throws: ExactlyOnceError.self) { try await consumer.run() }
+        #expect(error?.code == .invalidConfiguration && error?.isRetriable == false)
+        #expect(ContinuousClock.now - start < .seconds(1), "refused configurations are not waited out")
+        #expect(t.joins.load(ordering: .relaxed) == 0)
     }
 
     @Test func retriableErrorsAreWaitedOutAndStaleMembersRejoin() async throws {

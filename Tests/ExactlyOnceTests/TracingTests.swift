@@ -2,6 +2,7 @@ import CouponKit
 import ExactlyOnce
 import InMemoryTracing
 import ServiceLifecycle
+import Synchronization
 import Testing
 import Tracing
 
@@ -51,10 +52,21 @@ import Glibc
         let record = t.records(topic: "traced", partition: position.partition)[Int(position.offset.rawValue)]
         try check(record.headers[InMemoryTracer.traceIDKey] == traceID, "the trace context travels in the record's headers")
 
+        // Two more clicks: member 88's handler fails once and then succeeds (two spans: failed,
+        // then applied at attempt 2); coupon 4 has no stock (rejected).
+        _ = try await t.publish(CouponRequest(requestId: 2, couponId: 3, memberId: 88).outgoing, to: "traced", partitioning: .modulo)
+        _ = try await t.publish(CouponRequest(requestId: 3, couponId: 4, memberId: 99).outgoing, to: "traced", partitioning: .modulo)
+        struct Flaky: Error {}
+        let failedOnce = Mutex(false)
+        let issuer = CouponIssuer(stock: [3: 5, 4: 0])
         var c = config("tracer", topic: "traced")
         c.maxAttempts = 3
         let consumer = try ExactlyOnceConsumer(transport: t, store: store, configuration: c, logger: quietLogger,
-                                               key: CouponRequest.keyExtractor, handler: CouponIssuer(stock: [3: 5]).handler)
+                                               key: CouponRequest.keyExtractor, handler: { ctx in
+                                                   if try CouponRequest.decode(ctx.record.payload).memberId == 88,
+                                                      failedOnce.withLock({ f in defer { f = true }; return !f }) { throw Flaky() }
+                                                   return try await issuer.handle(&ctx)
+                                               })
         let session = try await consumer.makeSession()
         for _ in 0..<100 where !t.isFullyCommitted(group: "g", topic: "traced") { try await session.step() }
         let spans = tracer.finishedSpans.filter { $0.operationName == "process traced" }
@@ -69,5 +81,16 @@ import Glibc
         try check(a[ConsumerSpanAttributes.key]?.toSpanAttribute() == "3:77".toSpanAttribute(), "key")
         try check(a[ConsumerSpanAttributes.attempt]?.toSpanAttribute() == 1.toSpanAttribute(), "attempt")
         try check(a[ConsumerSpanAttributes.outcome]?.toSpanAttribute() == "applied".toSpanAttribute(), "outcome")
+
+        func outcomes(key: String) -> [(attempt: SpanAttribute?, outcome: SpanAttribute?)] {
+            spans.filter { $0.attributes[ConsumerSpanAttributes.key]?.toSpanAttribute() == key.toSpanAttribute() }
+                .map { ($0.attributes[ConsumerSpanAttributes.attempt]?.toSpanAttribute(), $0.attributes[ConsumerSpanAttributes.outcome]?.toSpanAttribute()) }
+        }
+        let retried = outcomes(key: "3:88")
+        try check(retried.count == 2, "a failed attempt and its retry are two spans: \(retried)")
+        try check(retried.first?.outcome == "failed".toSpanAttribute() && retried.first?.attempt == 1.toSpanAttribute(), "first span failed at attempt 1: \(retried)")
+        try check(retried.last?.outcome == "applied".toSpanAttribute() && retried.last?.attempt == 2.toSpanAttribute(), "the retry applied at attempt 2: \(retried)")
+        let rejected = outcomes(key: "4:99")
+        try check(rejected.count == 1 && rejected.first?.outcome == "rejected".toSpanAttribute(), "a sold-out click is a rejected span: \(rejected)")
     }
 }

@@ -322,3 +322,20 @@ struct ReplayIdentity: Hashable {
     var key: IdempotencyKey
     var payload: [UInt8]
 }
+
+/// The headers the consumer adds to a dead-lettered record.
+public enum DeadLetterHeaders {
+    /// Why the record was given up on (`conflict: ...`, `gave up after N attempts`, `malformed record: ...`).
+    public static let reason = "x-dead-letter-reason"
+    /// The topic the record was consumed from.
+    public static let originalTopic = "x-original-topic"
+    /// Its partition there.
+    public static let originalPartition = "x-original-partition"
+    /// Its offset there.
+    public static let originalOffset = "x-original-offset"
+    /// Its idempotency key, when it had one.
+    public static let idempotencyKey = "x-idempotency-key"
+    /// On a record republished by ``DeadLetterQueue/replay(_:)``: the dead letter it came from
+    /// (`<topic>/<partition>@<offset>`); kept when the replay is dead-lettered again.
+    public static let replayedFrom = "x-replayed-from"
+}

@@ -26,6 +26,15 @@ enum LaneStop: Sendable {
     /// An error retrying cannot fix: stop the consumer.
     case fail(ExactlyOnceError)
 
+    /// The stop that wins when two sequences (or a stop and its commit) both stop: failing
+    /// beats being fenced, which beats pausing; otherwise the later one.
+    static func worse(_ a: LaneStop, _ b: LaneStop) -> LaneStop {
+        switch (a, b) {
+        case (.fail, _), (.fenced, .pause): a
+        default: b
+        }
+    }
+
     /// How a store or transport error stops a lane.
     static func after(_ e: ExactlyOnceError) -> LaneStop {
         if e.code == .fenced { return .fenced(e) }
@@ -109,11 +118,7 @@ struct Lane<Transport: MessageTransport, Store: DedupeStore>: Sendable {
         func merge(_ r: SequenceRun<Transport, Store>.Result) {
             for i in r.done { done[i] = true }
             result.report.add(r.report)
-            switch (stop, r.stop) {
-            case (_, nil): break
-            case (.fail, _), (.fenced, .pause): break
-            default: stop = r.stop
-            }
+            if let next = r.stop { stop = stop.map { LaneStop.worse($0, next) } ?? next }
         }
         let claimed = claims
         let run: @Sendable ([Int]) async throws -> SequenceRun<Transport, Store>.Result = { [self] indices in
@@ -281,7 +286,7 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
                 case .stop(let s):
                     result.stop = s
                     // Keep what is staged before the stop, unless the partition moved on.
-                    if case .fenced = s { await batch.discard() } else if let s2 = try await commit() { result.stop = worse(s, s2) }
+                    if case .fenced = s { await batch.discard() } else if let s2 = try await commit() { result.stop = LaneStop.worse(s, s2) }
                     return result
                 }
                 if batch.count >= limit, let s = try await commit() {
@@ -298,12 +303,6 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
         }
     }
 
-    private func worse(_ a: LaneStop, _ b: LaneStop) -> LaneStop {
-        switch (a, b) {
-        case (.fail, _), (.fenced, .pause): a
-        default: b
-        }
-    }
 
     private func request(_ id: Identity, prefetch: Bool = false) -> ClaimRequest {
         ClaimRequest(key: id.key, fingerprint: id.fingerprint, lease: consumer.configuration.lease, fence: lane.fence, prefetch: prefetch)
@@ -504,21 +503,4 @@ struct SequenceRun<Transport: MessageTransport, Store: DedupeStore> {
         ])
         return nil
     }
-}
-
-/// The headers the consumer adds to a dead-lettered record.
-public enum DeadLetterHeaders {
-    /// Why the record was given up on (`conflict: ...`, `gave up after N attempts`, `malformed record: ...`).
-    public static let reason = "x-dead-letter-reason"
-    /// The topic the record was consumed from.
-    public static let originalTopic = "x-original-topic"
-    /// Its partition there.
-    public static let originalPartition = "x-original-partition"
-    /// Its offset there.
-    public static let originalOffset = "x-original-offset"
-    /// Its idempotency key, when it had one.
-    public static let idempotencyKey = "x-idempotency-key"
-    /// On a record republished by ``DeadLetterQueue/replay(_:)``: the dead letter it came from
-    /// (`<topic>/<partition>@<offset>`); kept when the replay is dead-lettered again.
-    public static let replayedFrom = "x-replayed-from"
 }

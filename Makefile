@@ -23,13 +23,20 @@ SIMULATIONS = SimulationPropertyTests|KeyOrderingPropertyTests|FileStoreSimulati
 # child-process test never finished, twice in a row, with every thread idle (an await never
 # resumed; not yet understood). Each set passes on its own.
 OWN_PROCESS = ExactlyOncePostgresTests
+# The Kafka tests that run coupon-demo processes against a standalone mock cluster (a member
+# SIGKILLed and replaced, stall timeouts of a few seconds) run in a stage of their own: beside
+# the ~200 other tests on two cores, a 5 s stall check gave up before the publisher's first
+# batch (1 run in 4), and once a survivor's partition stayed uncommitted for 120 s while the
+# group rebalanced. Alone (and under two busy loops) they passed 18 runs of 18.
+KAFKA_PROCESSES = KafkaMultiProcessTests
 # Package traits the tests build with (each enables an optional backend and its tests), in the
 # root package and in the coupon service (whose Postgres trait enables the root's).
 TEST_TRAITS = --traits Postgres
 test: deps-test check-demo-deps
 	$(SWIFT) build --build-tests $(TEST_TRAITS) $(SWIFT_FLAGS)
-	$(SWIFT) test --skip-build $(TEST_TRAITS) --skip '$(SIMULATIONS)|$(OWN_PROCESS)'
+	$(SWIFT) test --skip-build $(TEST_TRAITS) --skip '$(SIMULATIONS)|$(OWN_PROCESS)|$(KAFKA_PROCESSES)'
 	$(SWIFT) test --skip-build $(TEST_TRAITS) --filter '$(OWN_PROCESS)'
+	$(SWIFT) test --skip-build $(TEST_TRAITS) --filter '$(KAFKA_PROCESSES)'
 	$(SWIFT) test --skip-build $(TEST_TRAITS) --filter '$(SIMULATIONS)'
 	cd Examples/CouponService && $(SWIFT) build --build-tests $(TEST_TRAITS) $(SWIFT_FLAGS) && $(SWIFT) test --skip-build $(TEST_TRAITS)
 	$(MAKE) docs

@@ -1,5 +1,6 @@
 import ArgumentParser
 import ExactlyOnce
+import ExactlyOnceKafka
 import ExactlyOnceRedis
 import Foundation
 import Logging
@@ -162,12 +163,8 @@ struct SaleOptions: ParsableArguments, Sendable {
         if !kafkaProperties.isEmpty && transport != .kafka { throw bad("--kafka-property is used with --transport kafka") }
         _ = try Self.parseKafkaProperties(kafkaProperties)
         if let kafkaBrokers {
-            let parts = kafkaBrokers.split(separator: ",", omittingEmptySubsequences: false)
-            for part in parts {
-                let hp = part.split(separator: ":", omittingEmptySubsequences: false)
-                guard hp.count >= 2, !hp.dropLast().joined(separator: ":").isEmpty, let port = Int(hp.last!), (1...65535).contains(port) else {
-                    throw bad("--kafka-brokers must be HOST:PORT[,HOST:PORT...], got \"\(kafkaBrokers)\"")
-                }
+            guard KafkaTransport.Configuration.isHostPortList(kafkaBrokers) else {
+                throw bad("--kafka-brokers must be HOST:PORT[,HOST:PORT...], got \"\(kafkaBrokers)\"")
             }
             if store == .memory {
                 throw bad("--kafka-brokers keeps the sale's records and offsets across runs, so it needs a durable store: add --store redis (or --store file)")

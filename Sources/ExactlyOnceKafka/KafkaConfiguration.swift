@@ -61,6 +61,18 @@ extension KafkaTransport {
             self.bootstrapServers = bootstrapServers
         }
 
+        /// Whether `servers` is a list of `HOST:PORT` entries separated by commas, each with a
+        /// non-empty host (which may itself hold colons: a `SCHEME://host` prefix, an IPv6
+        /// address) and a port in 1...65535: the form the command-line tools accept for
+        /// `--kafka-brokers`. (librdkafka itself also takes a host without a port.)
+        package static func isHostPortList(_ servers: String) -> Bool {
+            servers.split(separator: ",", omittingEmptySubsequences: false).allSatisfy { entry in
+                let parts = entry.split(separator: ":", omittingEmptySubsequences: false)
+                guard parts.count >= 2, let port = Int(parts.last!) else { return false }
+                return !parts.dropLast().joined(separator: ":").isEmpty && (1...65535).contains(port)
+            }
+        }
+
         func validate() throws {
             guard !bootstrapServers.isEmpty else { throw ExactlyOnceError(.invalidConfiguration, "Kafka bootstrap servers are empty") }
             guard batchSize >= 1, maxBufferedRecords >= 1 else { throw ExactlyOnceError(.invalidConfiguration, "batch size and buffered records must be positive") }

@@ -52,4 +52,15 @@ struct KafkaConformanceTests {
         let stale = kafkaError(RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION, "commit")
         #expect(stale.code == .staleGeneration && stale.cause?.code == "ILLEGAL_GENERATION")
     }
+
+    /// The `--kafka-brokers` form both command-line tools accept: every comma-separated entry a
+    /// non-empty host (colons allowed in it) and a port in 1...65535.
+    @Test func hostPortListsAreCheckedEntryByEntry() {
+        for good in ["h:1", "127.0.0.1:9092,127.0.0.1:9093", "PLAINTEXT://kafka:9092", "::1:65535"] {
+            #expect(KafkaTransport.Configuration.isHostPortList(good), "\(good)")
+        }
+        for bad in ["", "nohost", ":9092", "h:0", "h:65536", "h:x", "h:1,", "h:1,,h:2", "h:1,nohost"] {
+            #expect(!KafkaTransport.Configuration.isHostPortList(bad), "\(bad)")
+        }
+    }
 }

@@ -100,13 +100,8 @@ struct BackendOptions: ParsableArguments {
             }
         }
         #endif
-        if let kafkaBrokers {
-            for part in kafkaBrokers.split(separator: ",", omittingEmptySubsequences: false) {
-                let hp = part.split(separator: ":", omittingEmptySubsequences: false)
-                guard hp.count >= 2, !hp.dropLast().joined(separator: ":").isEmpty, let port = Int(hp.last!), (1...65535).contains(port) else {
-                    throw ValidationError("--kafka-brokers must be HOST:PORT[,HOST:PORT...], got \"\(kafkaBrokers)\"")
-                }
-            }
+        if let kafkaBrokers, !KafkaTransport.Configuration.isHostPortList(kafkaBrokers) {
+            throw ValidationError("--kafka-brokers must be HOST:PORT[,HOST:PORT...], got \"\(kafkaBrokers)\"")
         }
     }
 

@@ -63,28 +63,19 @@ struct PostgresStoreTests {
 
     @Test func aSilentServerIsATimeoutInBoundedTime() async throws {
         // A listener that accepts connections and never answers.
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && listen(fd, 16) == 0 && getsockname(fd, $0, &len) == 0 }
+        try await LocalSockets.withSilentListener { port in
+            var c = try PostgresStoreConfiguration(url: "postgres://postgres@127.0.0.1:\(port)/x")
+            c.connectTimeout = .milliseconds(500)
+            let start = ContinuousClock.now
+            do {
+                let s = try await PostgresDedupeStore.connect(c)
+                await s.shutdown()
+                Issue.record("a silent server was accepted")
+            } catch let e as ExactlyOnceError {
+                #expect(e.code == .timeout && e.isRetriable, "\(e)")
+            }
+            #expect(ContinuousClock.now - start < .seconds(20), "the connect deadline did not hold")
         }
-        try #require(ok)
-        let port = Int(UInt16(bigEndian: addr.sin_port))
-        var c = try PostgresStoreConfiguration(url: "postgres://postgres@127.0.0.1:\(port)/x")
-        c.connectTimeout = .milliseconds(500)
-        let start = ContinuousClock.now
-        do {
-            let s = try await PostgresDedupeStore.connect(c)
-            await s.shutdown()
-            Issue.record("a silent server was accepted")
-        } catch let e as ExactlyOnceError {
-            #expect(e.code == .timeout && e.isRetriable, "\(e)")
-        }
-        #expect(ContinuousClock.now - start < .seconds(20), "the connect deadline did not hold")
     }
 
     @Test func aStatementPastItsDeadlineIsATimeoutAndTheStoreGoesOn() async throws {

@@ -25,23 +25,7 @@ final class CorruptingProxy: Sendable {
     let forwarded = Atomic<Int>(0)
 
     init(upstreamPort: Int, rate: Double, seed: UInt64) throws {
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        self.listener = listener
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        addr.sin_port = 0
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(listener, $0, len) == 0 && getsockname(listener, $0, &len) == 0 && listen(listener, 64) == 0
-            }
-        }
-        guard ok else {
-            close(listener)
-            throw ExactlyOnceError(.ioFailure, "cannot listen for the proxy")
-        }
-        self.port = Int(UInt16(bigEndian: addr.sin_port))
+        (listener, port) = try LocalSockets.tcpSocket(listening: 64)
         start(upstreamPort: upstreamPort, rate: rate, seed: seed)
     }
 

@@ -221,26 +221,6 @@ import Testing
         #expect(r.err.contains("cannot reach the backend"), "\(r.err)")
     }
 
-    /// A TCP listener on a free local port that completes connections (the kernel's backlog)
-    /// and never reads nor answers: a "broker" that accepts and stays silent. Closed in `body`'s
-    /// wake.
-    static func withSilentListener<T>(_ body: (Int) async throws -> T) async throws -> T {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        try #require(fd >= 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 && listen(fd, 64) == 0
-            }
-        }
-        try #require(ok, "cannot listen on a local port")
-        return try await body(Int(UInt16(bigEndian: addr.sin_port)))
-    }
-
     /// `--kafka-brokers` that nobody answers is a clear error within seconds (exit status 1, as
     /// other backend failures), whether the port is closed (connection refused) or a server
     /// accepts the connection and never answers; never a minute of retries, never a hang.
@@ -248,8 +228,8 @@ import Testing
         let dir = try ScratchDirectory("demo-kafka-unreachable")
         defer { dir.cleanup() }
         // A closed port: one that was just listened on and closed again.
-        let closedPort = try await Self.withSilentListener { $0 }
-        try await Self.withSilentListener { silentPort in
+        let closedPort = try await LocalSockets.withSilentListener { $0 }
+        try await LocalSockets.withSilentListener { silentPort in
             for (what, port) in [("a closed port", closedPort), ("a server that never answers", silentPort)] {
                 let started = ContinuousClock.now
                 let r = try await ChildProcess.run(Self.binary, ["--transport", "kafka", "--kafka-brokers", "127.0.0.1:\(port)",

@@ -65,7 +65,7 @@ public final class PostgresTestServer: @unchecked Sendable {
         directory = URL(fileURLWithPath: "/tmp").appendingPathComponent("eo-pg-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         chmod(directory.path, 0o755)
-        port = try Self.freePort()
+        port = try LocalSockets.freePort()
         var s = ["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200", "-c", "shared_buffers=64MB"]
         if !durable { s += ["-c", "fsync=off", "-c", "full_page_writes=off"] }
         self.settings = s + settings
@@ -242,18 +242,4 @@ public final class PostgresTestServer: @unchecked Sendable {
         }
     }
 
-    private static func freePort() throws -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        addr.sin_port = 0
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
-        }
-        guard bound else { throw ExactlyOnceError(.ioFailure, "cannot find a free TCP port") }
-        return Int(UInt16(bigEndian: addr.sin_port))
-    }
 }

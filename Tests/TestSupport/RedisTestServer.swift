@@ -40,7 +40,7 @@ public final class RedisTestServer: @unchecked Sendable {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("eo-redis-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         socketPath = directory.appendingPathComponent("redis.sock").path
-        tcpPort = tcp ? try Self.freePort() : nil
+        tcpPort = tcp ? try LocalSockets.freePort() : nil
         self.extraArguments = extraArguments
     }
 
@@ -108,20 +108,6 @@ public final class RedisTestServer: @unchecked Sendable {
         return c
     }
 
-    private static func freePort() throws -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        addr.sin_port = 0
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
-        }
-        guard bound else { throw ExactlyOnceError(.ioFailure, "cannot find a free TCP port") }
-        return Int(UInt16(bigEndian: addr.sin_port))
-    }
 }
 
 extension RedisConfiguration {

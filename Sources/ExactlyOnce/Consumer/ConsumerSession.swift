@@ -1,6 +1,5 @@
 import Logging
 import Metrics
-import ServiceLifecycle
 
 /// What one ``ConsumerSession/step()`` did.
 public struct StepReport: Sendable, Hashable {
@@ -133,9 +132,8 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
         if let failure { throw failure }
         if report.pausedLanes > 0 || report.fencedLanes > 0 {
             unavailableStreak += 1
-            let d = c.configuration.unavailableBackoff.delay(forRetry: unavailableStreak)
-            // Waits out the outage, unless a graceful shutdown or cancellation comes first.
-            if d > .zero { try? await cancelWhenGracefulShutdown { try await Task.sleep(for: d) } }
+            // Waits out the outage.
+            await c.wait(c.configuration.unavailableBackoff.delay(forRetry: unavailableStreak))
         } else {
             unavailableStreak = 0
         }

@@ -145,7 +145,7 @@ public final class ExactlyOnceConsumer<Transport: MessageTransport, Store: Dedup
     }
 
     /// Sleeps, unless a graceful shutdown or cancellation comes first.
-    private func wait(_ duration: Duration) async {
+    func wait(_ duration: Duration) async {
         guard duration > .zero else { return }
         try? await cancelWhenGracefulShutdown {
             try await Task.sleep(for: duration)

@@ -235,12 +235,12 @@ public final class PostgresDedupeStore: DedupeStore, Service {
             epochs.append(ep)
             statuses.append(Int16(c.outcome.status.rawValue))
             details.append(ByteBuffer(bytes: c.outcome.detail))
-            for (k, v) in c.effects.reads.sorted(by: { $0.key < $1.key }) {
-                fxOwner.append(Int32(index + 1)); fxKind.append(0); fxKey.append(k); fxValue.append(ByteBuffer()); fxVersion.append(Int64(truncatingIfNeeded: v))
+            for r in c.effects.readList.sorted(by: { $0.key < $1.key }) {
+                fxOwner.append(Int32(index + 1)); fxKind.append(0); fxKey.append(r.key); fxValue.append(ByteBuffer()); fxVersion.append(Int64(truncatingIfNeeded: r.version))
             }
-            for (k, v) in c.effects.writes.sorted(by: { $0.key < $1.key }) {
-                fxOwner.append(Int32(index + 1)); fxKind.append(v == nil ? 2 : 1); fxKey.append(k)
-                fxValue.append(ByteBuffer(bytes: v ?? [])); fxVersion.append(0)
+            for w in c.effects.writeList.sorted(by: { $0.key < $1.key }) {
+                fxOwner.append(Int32(index + 1)); fxKind.append(w.value == nil ? 2 : 1); fxKey.append(w.key)
+                fxValue.append(ByteBuffer(bytes: w.value ?? [])); fxVersion.append(0)
             }
         }
     }

@@ -135,17 +135,18 @@ public final class RedisDedupeStore: DedupeStore {
             args.append(retentionEnd)
             args.append(Self.decimal(UInt64(completion.outcome.status.rawValue)))
             args.append(completion.outcome.detail)
-            let reads = completion.effects.reads.sorted { $0.key < $1.key }
-            let writes = completion.effects.writes.sorted { $0.key < $1.key }
+            // One entry per key in each list: sorted by key, as the script expects.
+            let reads = completion.effects.readList.sorted { $0.key < $1.key }
+            let writes = completion.effects.writeList.sorted { $0.key < $1.key }
             args.append(Self.decimal(UInt64(reads.count)))
             args.append(Self.decimal(UInt64(writes.count)))
-            for (key, version) in reads {
-                keys.append(stateKey(key))
-                args.append(Self.decimal(version))
+            for read in reads {
+                keys.append(stateKey(read.key))
+                args.append(Self.decimal(read.version))
             }
-            for (key, value) in writes {
-                keys.append(stateKey(key))
-                if let value {
+            for write in writes {
+                keys.append(stateKey(write.key))
+                if let value = write.value {
                     args.append(Self.one)
                     args.append(value)
                 } else {

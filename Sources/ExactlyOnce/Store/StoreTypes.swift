@@ -233,9 +233,6 @@ public struct EffectWrites: Sendable, Hashable {
     /// Whether there is nothing to read-check or write.
     public var isEmpty: Bool { readList.isEmpty && writeList.isEmpty }
 
-    /// The version this effect read for `key`, if it read it.
-    func readVersion(_ key: String) -> UInt64? { readList.first { $0.key == key }?.version }
-
     /// The value this effect wrote for `key`: nil when it did not write it, `.some(nil)` when it removed it.
     func written(_ key: String) -> [UInt8]?? {
         guard let w = writeList.first(where: { $0.key == key }) else { return nil }

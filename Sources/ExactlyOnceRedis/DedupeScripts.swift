@@ -28,6 +28,16 @@ enum DedupeScripts {
       if #a ~= #b then return #a < #b end
       return a < b
     end
+    -- The epoch of fence scope `scope` in the hash `fences` (false when none), read once per
+    -- call: `cache` keeps what was read (a batch's records nearly always share one fence).
+    local function cachedEpoch(cache, fences, scope)
+      local v = cache[scope]
+      if v == nil then
+        v = redis.call('HGET', fences, scope) or false
+        cache[scope] = v
+      end
+      return v
+    end
 
     """
 
@@ -40,27 +50,18 @@ enum DedupeScripts {
     static let claim = RedisScript("dedupe.claim", helpers + """
     local now = tonumber(ARGV[1])
     local n = #KEYS - 2
-    -- A batch's requests nearly always share one fence: each scope's epoch is read once.
     local seenByScope = {}
-    local function seenEpoch(scope)
-      local v = seenByScope[scope]
-      if v == nil then
-        v = redis.call('HGET', KEYS[2], scope) or false
-        seenByScope[scope] = v
-      end
-      return v
-    end
     for i = 1, n do
       local b = 1 + (i - 1) * 6
       if ARGV[b + 3] == '1' then
-        local seen = seenEpoch(ARGV[b + 4])
+        local seen = cachedEpoch(seenByScope, KEYS[2], ARGV[b + 4])
         if seen and older(ARGV[b + 5], seen) then return {'FENCED', i, seen} end
       end
     end
     for i = 1, n do
       local b = 1 + (i - 1) * 6
       if ARGV[b + 3] == '1' then
-        local seen = seenEpoch(ARGV[b + 4])
+        local seen = cachedEpoch(seenByScope, KEYS[2], ARGV[b + 4])
         if (not seen) or older(seen, ARGV[b + 5]) then
           redis.call('HSET', KEYS[2], ARGV[b + 4], ARGV[b + 5])
           seenByScope[ARGV[b + 4]] = ARGV[b + 5]
@@ -142,7 +143,7 @@ enum DedupeScripts {
     local a = 3
     local k = 2
     local out = {}
-    local seenByScope = {}  -- each fence scope's epoch, read once per call
+    local seenByScope = {}
     local function one()
       local token, hasFence, scope, epoch = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
       local retentionEnd, ostatus, odetail = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
@@ -155,11 +156,7 @@ enum DedupeScripts {
       a = writes + 2 * nw
       k = firstWrite + nw
       if hasFence == '1' then
-        local seen = seenByScope[scope]
-        if seen == nil then
-          seen = redis.call('HGET', KEYS[1], scope) or false
-          seenByScope[scope] = seen
-        end
+        local seen = cachedEpoch(seenByScope, KEYS[1], scope)
         if seen and older(epoch, seen) then return {'FENCED', 'epoch', seen} end
       end
       local r = redis.call('HMGET', rk, 'tok', 'ph', 'le')

@@ -146,6 +146,12 @@ final class ConsumerCore: @unchecked Sendable {
         return !configuration.assignor.isEager
     }
 
+    /// Keeps a commit of `partition` at `offset` in ``pending`` (at the partition's current
+    /// epoch; nothing when it is no longer assigned), to be retried by later polls.
+    func keepPending(_ partition: PartitionID, _ offset: Int64) {
+        if let epoch = assignment[partition] { pending[partition] = (max(offset, pending[partition]?.offset ?? 0), epoch) }
+    }
+
     /// Commits `offsets` synchronously with a deadline; returns per-partition errors.
     func commitNow(_ rk: OpaquePointer, _ offsets: [PartitionID: Int64]) -> (rd_kafka_resp_err_t, [PartitionID: rd_kafka_resp_err_t]) {
         guard !offsets.isEmpty else { return (RD_KAFKA_RESP_ERR_NO_ERROR, [:]) }
@@ -444,9 +450,7 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
             guard !todo.isEmpty else { return }
             if core.commitsHeld {
                 // The group is rebalancing: kept, and committed when the rebalance is over.
-                for (p, o) in todo {
-                    if let epoch = core.assignment[p] { core.pending[p] = (max(o, core.pending[p]?.offset ?? 0), epoch) }
-                }
+                for (p, o) in todo { core.keepPending(p, o) }
                 throw ExactlyOnceError(.transportUnavailable, "commit of \(core.topic) by \(core.memberID) held while group \(group) rebalances; it is retried when the rebalance is over")
             }
             let (top, per) = core.commitNow(rk, todo)
@@ -459,7 +463,7 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
                     continue
                 }
                 // Kept while the partition stays ours at this epoch; the next polls retry it.
-                if let epoch = core.assignment[p] { core.pending[p] = (max(o, core.pending[p]?.offset ?? 0), epoch) }
+                core.keepPending(p, o)
                 let mapped = kafkaError(e, "commit of \(core.topic)/\(p) by \(core.memberID)")
                 if refused == nil || mapped.code == .staleGeneration { refused = mapped }
             }

@@ -198,17 +198,19 @@ enum OutputFile {
         let tmp = (dir.isEmpty ? "." : dir) + "/.\((path as NSString).lastPathComponent).\(getpid()).tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw DemoError(message: "\(flag) \(path): cannot create a file beside it (\(String(cString: strerror(errno))))") }
-        var open = true
         do {
             try writeAll(fd, data, path: path, flag: flag)
             guard fsync(fd) == 0 else { throw DemoError(message: "\(flag) \(path): sync failed (\(String(cString: strerror(errno))))") }
-            open = false
-            close(fd)
-            guard rename(tmp, path) == 0 else { throw DemoError(message: "\(flag) \(path): rename failed (\(String(cString: strerror(errno))))") }
         } catch {
-            if open { close(fd) }  // closed once: a second close could hit a descriptor reused since
+            close(fd)
             unlink(tmp)
             throw error
+        }
+        close(fd)
+        guard rename(tmp, path) == 0 else {
+            let failed = DemoError(message: "\(flag) \(path): rename failed (\(String(cString: strerror(errno))))")
+            unlink(tmp)
+            throw failed
         }
     }
 

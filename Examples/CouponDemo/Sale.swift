@@ -82,17 +82,26 @@ struct SaleRunner {
         let stock = Dictionary(uniqueKeysWithValues: (1...Int64(o.coupons)).map { ($0, o.stock) })
         let issuer = CouponIssuer(stock: stock)
         let readLedger: @Sendable () async throws -> [LedgerEntry] = { try await CouponLedger.read(from: store, coupons: Array(stock.keys)) }
+        return try await runOnTheTransport(store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
+    }
+
+    /// The sale on the transport the options name, with `store`, `handler` and `readLedger`.
+    private func runOnTheTransport<Store: DedupeStore>(
+        store: Store, stock: [Int64: Int64], handler: @escaping RecordHandler<Store.Transaction>,
+        readLedger: @escaping @Sendable () async throws -> [LedgerEntry]
+    ) async throws -> Int32 {
+        let o = options
         switch o.transport {
         case .redisStreams:
             let sale = try await RedisSale(url: o.redisURL ?? defaultRedisURL, keyPrefix: "coupon-demo:\(o.saleID):streams:",
                                            sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
-            return try await run(sale: sale, store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
+            return try await run(sale: sale, store: store, stock: stock, handler: handler, readLedger: readLedger)
         case .kafka:
             let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions,
                                            properties: try SaleOptions.parseKafkaProperties(o.kafkaProperties))
-            return try await run(sale: sale, store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
+            return try await run(sale: sale, store: store, stock: stock, handler: handler, readLedger: readLedger)
         case .memory:
-            return try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: issuer.handler, readLedger: readLedger)
+            return try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: handler, readLedger: readLedger)
         }
     }
 
@@ -112,19 +121,7 @@ struct SaleRunner {
             try await retrying(attempts: 20) { try await tables.create(on: store, stock: stock) }
             if !o.json { print("coupon-demo: issued coupons go to the table \(tables.schema).issued_coupons (psql: SELECT * FROM \(tables.schema).issued_coupons ORDER BY coupon_id, serial;)") }
             let readLedger: @Sendable () async throws -> [LedgerEntry] = { try await tables.ledger(from: store) }
-            let status: Int32
-            switch o.transport {
-            case .redisStreams:
-                let sale = try await RedisSale(url: o.redisURL ?? defaultRedisURL, keyPrefix: "coupon-demo:\(o.saleID):streams:",
-                                               sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions)
-                status = try await run(sale: sale, store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
-            case .kafka:
-                let sale = try await KafkaSale(brokers: o.kafkaBrokers, sessionTimeout: .seconds(o.sessionTimeout), partitions: o.partitions,
-                                           properties: try SaleOptions.parseKafkaProperties(o.kafkaProperties))
-                status = try await run(sale: sale, store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
-            case .memory:
-                status = try await run(sale: try MemorySale(partitions: o.partitions), store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
-            }
+            let status = try await runOnTheTransport(store: store, stock: stock, handler: tables.handler, readLedger: readLedger)
             await store.shutdown()
             return status
         } catch {

@@ -27,7 +27,10 @@ public struct CouponRequest: Sendable, Hashable, Codable {
     public var key: IdempotencyKey { .coupon(couponId: couponId, memberId: memberId) }
 
     /// The record key: the coupon id, so ``ModuloPartitioner`` keeps one coupon in one partition.
-    public var recordKey: [UInt8] { Array(String(couponId).utf8) }
+    public var recordKey: [UInt8] { Self.recordKey(couponId: couponId) }
+
+    /// The record key of every request for `couponId` (which partition holds its clicks).
+    public static func recordKey(couponId: Int64) -> [UInt8] { Array(String(couponId).utf8) }
 
     /// The payload bytes.
     public var payload: [UInt8] {

@@ -71,9 +71,12 @@ public struct PostgresCouponTables: Sendable {
         return { ctx in try await tables.handle(&ctx) }
     }
 
-    /// Every issued coupon, read back from `issued_coupons`, by coupon then serial.
-    public func ledger(from store: PostgresDedupeStore) async throws -> [LedgerEntry] {
-        let rows = try await store.query("SELECT coupon_id, member_id, serial FROM \(unescaped: schema).issued_coupons ORDER BY coupon_id, serial")
+    /// The issued coupons, read back from `issued_coupons`, by coupon then serial: every
+    /// coupon's, or `coupon`'s only.
+    public func ledger(from store: PostgresDedupeStore, coupon: Int64? = nil) async throws -> [LedgerEntry] {
+        let rows = try await store.query(coupon.map {
+            "SELECT coupon_id, member_id, serial FROM \(unescaped: schema).issued_coupons WHERE coupon_id = \($0) ORDER BY serial"
+        } ?? "SELECT coupon_id, member_id, serial FROM \(unescaped: schema).issued_coupons ORDER BY coupon_id, serial")
         return try rows.map { row in
             let (c, m, s) = try row.decode((Int64, Int64, Int64).self)
             return LedgerEntry(couponId: c, memberId: m, serial: s)

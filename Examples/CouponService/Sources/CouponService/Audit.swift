@@ -6,7 +6,7 @@ extension CouponServiceCore {
     /// offset 0). Only meaningful while the log is not trimmed.
     public func clicksInLogOrder(_ couponId: Int64) async throws -> [CouponRequest] {
         let partitions = try await backend.transport.partitionCount(of: ServiceTopics.clicks)
-        let partition = try Self.clickPartitioning(options).resolve(key: Array(String(couponId).utf8), partitionCount: partitions)
+        let partition = try Self.clickPartitioning(options).resolve(key: CouponRequest.recordKey(couponId: couponId), partitionCount: partitions)
         var out: [CouponRequest] = []
         var offset = Offset(0)
         while true {

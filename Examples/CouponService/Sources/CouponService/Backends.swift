@@ -175,15 +175,17 @@ public enum Backends {
     ///   the backend's error when it cannot be opened.
     public static func open(_ options: ServiceOptions) async throws -> any CouponBackend {
         let redis: RedisCommandClient?
+        var redisConfig: RedisConfiguration?
         if let url = options.redisURL {
             do {
                 var config = try RedisConfiguration(url: url)
                 config.poolSize = max(config.poolSize, options.redisPoolSize)
+                redisConfig = config
                 redis = try RedisCommandClient(configuration: config)
             } catch {
                 // The URL may hold a password: name it through the parsed configuration (which
                 // masks it) or not at all.
-                let named = (try? RedisConfiguration(url: url)).map { "\($0)" } ?? "(unparsable URL)"
+                let named = redisConfig.map { "\($0)" } ?? "(unparsable URL)"
                 throw ServiceError("--redis-url \(named) is not usable: \(ExactlyOnceError.Cause(of: error))")
             }
         } else {
@@ -269,7 +271,7 @@ public enum Backends {
             + (options.transport == .kafka ? (options.kafkaBrokers.map { " on \($0)" } ?? " on an in-process mock cluster") : "")
             + ", store \(options.store.rawValue)"
             + (options.store == .file ? " in \(options.dataDir)" : "")
-            + (redis == nil ? ", no Redis (read cache falls back to the store, legacy endpoint answers 503)" : ", Redis \(options.redisURL.flatMap { try? RedisConfiguration(url: $0) }.map { "\($0.endpoint) db \($0.database)" } ?? "")")
+            + (redis == nil ? ", no Redis (read cache falls back to the store, legacy endpoint answers 503)" : ", Redis \(redisConfig.map { "\($0.endpoint) db \($0.database)" } ?? "")")
         let store: any DedupeStore<EffectTransaction>
         let catalog: any CouponCatalog
         switch options.store {

@@ -67,7 +67,7 @@ public enum PostgresCoupons {
             try await store.query(PostgresQuery(unsafeSQL: """
                 CREATE UNIQUE INDEX IF NOT EXISTS coupon_uses_active ON \(schema).coupon_uses (coupon_id, member_id) WHERE NOT restored
                 """))
-            return Opened(store: store, effects: PostgresCouponEffects(store: store, tables: tables), catalog: PostgresCatalog(store: store))
+            return Opened(store: store, effects: PostgresCouponEffects(store: store, tables: tables), catalog: PostgresCatalog(store: store, tables: tables))
         } catch {
             await store.shutdown()
             throw ServiceError("PostgreSQL at \(config): creating the tables of schema \(schema) failed: \(safeDescription(error))")
@@ -87,10 +87,13 @@ func safeDescription(_ error: any Error) -> String {
 public final class PostgresCatalog: CouponCatalog {
     private let store: PostgresDedupeStore
     private let cache = Mutex<[Int64: Int64]>([:])
-    private var table: String { PostgresCoupons.schema + ".coupon_stock" }
+    private let table: String
 
-    /// The catalog in `store`'s database.
-    public init(store: PostgresDedupeStore) { self.store = store }
+    /// The catalog in `store`'s database, in `tables`' schema.
+    public init(store: PostgresDedupeStore, tables: PostgresCouponTables) {
+        self.store = store
+        table = tables.schema + ".coupon_stock"
+    }
 
     /// Inserts the coupon's row (`ON CONFLICT DO NOTHING`): false when it exists.
     public func create(couponId: Int64, stock: Int64) async throws -> Bool {
@@ -140,12 +143,13 @@ public struct PostgresCouponEffects: CouponEffects {
 
     /// A coupon's use or restore, with the same outcomes as ``PaymentHandler``.
     public var eventHandler: RecordHandler<PostgresTransaction> {
-        { ctx in try await Self.handleEvent(&ctx) }
+        let effects = self
+        return { ctx in try await effects.handleEvent(&ctx) }
     }
 
-    static func handleEvent(_ ctx: inout HandlerContext<PostgresTransaction>) async throws -> Outcome {
+    func handleEvent(_ ctx: inout HandlerContext<PostgresTransaction>) async throws -> Outcome {
         let e = try OrderEvent.decode(ctx.record.payload)
-        let s = PostgresCoupons.schema
+        let s = tables.schema
         switch e.type {
         case .use:
             let held = try await ctx.transaction.query(
@@ -176,18 +180,13 @@ public struct PostgresCouponEffects: CouponEffects {
 
     /// `issued` of the coupon's `coupon_stock` row (0 when there is none).
     public func issued(_ couponId: Int64) async throws -> Int64 {
-        let rows = try await store.query("SELECT issued FROM \(unescaped: PostgresCoupons.schema).coupon_stock WHERE coupon_id = \(couponId)")
+        let rows = try await store.query("SELECT issued FROM \(unescaped: tables.schema).coupon_stock WHERE coupon_id = \(couponId)")
         return try rows.first?.decode(Int64.self) ?? 0
     }
 
     /// The coupon's `issued_coupons` rows by serial.
     public func ledger(_ couponId: Int64) async throws -> [LedgerEntry] {
-        let rows = try await store.query(
-            "SELECT member_id, serial FROM \(unescaped: PostgresCoupons.schema).issued_coupons WHERE coupon_id = \(couponId) ORDER BY serial")
-        return try rows.map { row in
-            let (m, s) = try row.decode((Int64, Int64).self)
-            return LedgerEntry(couponId: couponId, memberId: m, serial: s)
-        }
+        try await tables.ledger(from: store, coupon: couponId)
     }
 }
 #endif

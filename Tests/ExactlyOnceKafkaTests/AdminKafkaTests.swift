@@ -35,10 +35,8 @@ struct AdminKafkaTests {
             let summary = try Self.json(sale.out)
             #expect(summary["overIssued"] as? Int == 0 && summary["doubleIssued"] as? Int == 0 && summary["lost"] as? Int == 0)
             let saleID = try #require(summary["sale"] as? String)
-            let firstLine = try #require(try String(contentsOfFile: ledger, encoding: .utf8).split(separator: "\n").first)
-            let winner = try #require(try JSONSerialization.jsonObject(with: Data(firstLine.utf8)) as? [String: Int])
-            let (couponId, memberId) = (Int64(winner["couponId"]!), Int64(winner["memberId"]!))
-            let key = "\(couponId):\(memberId)"
+            let winner = try DemoLedgerCheck.Issued.first(inLedger: ledger)
+            let (couponId, memberId, key) = (winner.couponId, winner.memberId, winner.key)
             let backend = ["--store", "redis", "--redis-url", url, "--transport", "kafka", "--kafka-brokers", mock.bootstrap, "--sale", saleID]
 
             // Lag from the broker: everything committed; owner and epoch said to be unknown.
@@ -57,7 +55,7 @@ struct AdminKafkaTests {
             #expect(lagText.out.contains("note: owner and epoch are known only inside the consumer processes on Kafka"), "\(lagText.out)")
 
             let shown = try Self.json(try await ChildProcess.run(Self.admin, ["key", key, "--json"] + backend).out)
-            #expect(shown["outcome"] as? String == "applied" && shown["outcomeDetail"] as? String == "\(winner["serial"]!)")
+            #expect(shown["outcome"] as? String == "applied" && shown["outcomeDetail"] as? String == "\(winner.serial)")
             #expect((shown["fenceScope"] as? String)?.hasPrefix("kafka:") == true, "\(shown)")
             let empty = try Self.json(try await ChildProcess.run(Self.admin, ["dlq", "list", "--json"] + backend).out)
             #expect((empty["letters"] as? [Any])?.isEmpty == true && empty["nextCursor"] == nil, "\(empty)")
@@ -119,7 +117,7 @@ struct AdminKafkaTests {
             #expect(firstText.out.contains("more: --cursor '0@1'"), "\(firstText.out)")
 
             let still = try Self.json(try await ChildProcess.run(Self.admin, ["key", key, "--json"] + backend).out)
-            #expect(still["outcomeDetail"] as? String == "\(winner["serial"]!)", "the first click's outcome is untouched")
+            #expect(still["outcomeDetail"] as? String == "\(winner.serial)", "the first click's outcome is untouched")
             let finalLag = try Self.json(try await ChildProcess.run(Self.admin, ["lag", "--json"] + backend).out)
             #expect(finalLag["totalLag"] as? Int == 0)
             #expect((finalLag["partitions"] as? [[String: Any]])?.reduce(0) { $0 + ($1["end"] as? Int ?? 0) } == 2002, "the conflict and its replay")

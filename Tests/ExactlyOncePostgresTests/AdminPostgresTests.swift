@@ -22,9 +22,8 @@ struct AdminPostgresTests {
         let summary = try #require(try JSONSerialization.jsonObject(with: Data(sale.out.utf8)) as? [String: Any], "\(sale.out) \(sale.err)")
         #expect(summary["overIssued"] as? Int == 0 && summary["doubleIssued"] as? Int == 0 && summary["lost"] as? Int == 0)
         let saleID = try #require(summary["sale"] as? String)
-        let firstLine = try #require(try String(contentsOfFile: ledger, encoding: .utf8).split(separator: "\n").first)
-        let winner = try #require(try JSONSerialization.jsonObject(with: Data(firstLine.utf8)) as? [String: Int])
-        let key = "\(winner["couponId"]!):\(winner["memberId"]!)"
+        let winner = try DemoLedgerCheck.Issued.first(inLedger: ledger)
+        let key = winner.key
         let backend = ["--store", "postgres", "--postgres-url", server.socketURL, "--sale", saleID]
 
         let shown = try await ChildProcess.run(Self.admin, ["key", key, "--json"] + backend)
@@ -33,9 +32,9 @@ struct AdminPostgresTests {
         #expect(record["key"] as? String == key)
         #expect(record["phase"] as? String == "completed")
         #expect(record["outcome"] as? String == "applied")
-        #expect(record["outcomeDetail"] as? String == "\(winner["serial"]!)", "the stored outcome is the serial in issued_coupons")
+        #expect(record["outcomeDetail"] as? String == "\(winner.serial)", "the stored outcome is the serial in issued_coupons")
         let text = try await ChildProcess.run(Self.admin, ["key", key] + backend)
-        #expect(text.out.contains("phase        completed") && text.out.contains("outcome      applied (\(winner["serial"]!))"), "\(text.out)")
+        #expect(text.out.contains("phase        completed") && text.out.contains("outcome      applied (\(winner.serial))"), "\(text.out)")
         // The same through --schema, as an operator without a sale id names it.
         let bySchema = try await ChildProcess.run(Self.admin, ["key", key, "--store", "postgres", "--postgres-url", server.socketURL, "--schema", "eo_sale_\(saleID)"])
         #expect(bySchema.status == 0 && bySchema.out.contains("outcome      applied"), "\(bySchema.out) \(bySchema.err)")

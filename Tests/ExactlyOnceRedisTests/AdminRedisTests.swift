@@ -29,9 +29,8 @@ import Testing
             let summary = try Self.json(sale.out)
             #expect(summary["overIssued"] as? Int == 0 && summary["doubleIssued"] as? Int == 0 && summary["lost"] as? Int == 0)
             let saleID = try #require(summary["sale"] as? String)
-            let firstLine = try #require(try String(contentsOfFile: ledger, encoding: .utf8).split(separator: "\n").first)
-            let winner = try #require(try JSONSerialization.jsonObject(with: Data(firstLine.utf8)) as? [String: Int])
-            let key = "\(winner["couponId"]!):\(winner["memberId"]!)"
+            let winner = try DemoLedgerCheck.Issued.first(inLedger: ledger)
+            let key = winner.key
             let backend = ["--store", "redis", "--transport", "redis-streams", "--redis-url", url, "--sale", saleID]
 
             let shown = try await ChildProcess.run(Self.admin, ["key", key, "--json"] + backend)
@@ -40,10 +39,10 @@ import Testing
             #expect(record["key"] as? String == key)
             #expect(record["phase"] as? String == "completed")
             #expect(record["outcome"] as? String == "applied")
-            #expect(record["outcomeDetail"] as? String == "\(winner["serial"]!)", "the stored outcome is the issued serial")
+            #expect(record["outcomeDetail"] as? String == "\(winner.serial)", "the stored outcome is the issued serial")
             #expect((record["fenceScope"] as? String)?.hasPrefix("redis:coupon-demo:\(saleID):streams:") == true, "\(record)")
             let text = try await ChildProcess.run(Self.admin, ["key", key] + backend)
-            #expect(text.out.contains("phase        completed") && text.out.contains("outcome      applied (\(winner["serial"]!))"), "\(text.out)")
+            #expect(text.out.contains("phase        completed") && text.out.contains("outcome      applied (\(winner.serial))"), "\(text.out)")
 
             let stuck = try await ChildProcess.run(Self.admin, ["keys", "--phase", "inProgress", "--json"] + backend)
             #expect(stuck.status == 0, "\(stuck.err)")

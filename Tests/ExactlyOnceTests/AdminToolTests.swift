@@ -14,9 +14,8 @@ import Testing
         let sale = try await ChildProcess.run(Self.demo, ["--store", "file", "--data-dir", dir.path + "/data", "--requests", "3000", "--json", "--ledger", ledger])
         #expect(sale.status == 0, "\(sale.err)")
         let saleID = try #require((try JSONSerialization.jsonObject(with: Data(sale.out.utf8)) as? [String: Any])?["sale"] as? String)
-        let firstLine = try #require(try String(contentsOfFile: ledger, encoding: .utf8).split(separator: "\n").first)
-        let winner = try #require(try JSONSerialization.jsonObject(with: Data(firstLine.utf8)) as? [String: Int])
-        let key = "\(winner["couponId"]!):\(winner["memberId"]!)"
+        let winner = try DemoLedgerCheck.Issued.first(inLedger: ledger)
+        let key = winner.key
         let backend = ["--store", "file", "--data-dir", dir.path + "/data", "--sale", saleID]
 
         let shown = try await ChildProcess.run(Self.admin, ["key", key, "--json"] + backend)
@@ -25,7 +24,7 @@ import Testing
         #expect(record["key"] as? String == key)
         #expect(record["phase"] as? String == "completed")
         #expect(record["outcome"] as? String == "applied")
-        #expect(record["outcomeDetail"] as? String == "\(winner["serial"]!)", "the stored outcome is the issued serial")
+        #expect(record["outcomeDetail"] as? String == "\(winner.serial)", "the stored outcome is the issued serial")
         #expect((record["fenceScope"] as? String)?.hasPrefix("memory:") == true)
 
         let text = try await ChildProcess.run(Self.admin, ["key", key] + backend)

@@ -1,3 +1,4 @@
+import ExactlyOnce
 import Foundation
 
 /// The independent check of a coupon-demo run's files (`--requests-out`, `--ledger`), apart from
@@ -40,4 +41,17 @@ public struct DemoLedgerCheck: Sendable {
         for i in issued.sorted(by: { ($0.couponId, $0.serial) < ($1.couponId, $1.serial) }) { actual[i.couponId, default: []].append(i.memberId) }
         actualWinners = actual
     }
+}
+
+extension DemoLedgerCheck.Issued {
+    /// The first line of the `--ledger` file at `path` (a coupon's first winner).
+    public static func first(inLedger path: String) throws -> Self {
+        guard let line = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").first else {
+            throw ExactlyOnceError(.corruptData, "the ledger \(path) is empty")
+        }
+        return try JSONDecoder().decode(Self.self, from: Data(line.utf8))
+    }
+
+    /// The idempotency key of the request that won it, `couponId:memberId`.
+    public var key: String { "\(couponId):\(memberId)" }
 }

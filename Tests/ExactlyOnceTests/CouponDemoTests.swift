@@ -120,6 +120,15 @@ import Testing
         let json = try #require(try JSONSerialization.jsonObject(with: Data(second.stdout.utf8)) as? [String: Any], "\(second.stdout) \(second.stderr)")
         for field in ["overIssued", "doubleIssued", "lost", "fcfsViolations"] { #expect(json[field] as? Int == 0, "\(field): \(second.stdout)") }
         #expect(json["transport"] as? String == "kafka")
+        if (json["lost"] as? Int ?? 0) > 0, let sale = json["sale"] as? String {
+            // Seen once under load, not reproduced since: which records the lost keys were left in
+            // (claimed and never completed, or released), for whoever meets it next.
+            for phase in ["inProgress", "released"] {
+                let r = try await ChildProcess.run(ChildProcess.builtProduct("exactly-once-admin"),
+                                                   ["keys", "--phase", phase, "--data-dir", dir.path, "--sale", sale, "--limit", "20"])
+                Issue.record("records left \(phase) after a run that lost \(json["lost"]!):\n\(r.out)\(r.err)")
+            }
+        }
 
         // The fencing scopes the sale's records carry, without the partition: one per run.
         let sale = try #require(json["sale"] as? String)

@@ -1,5 +1,6 @@
 import CouponKit
 import ExactlyOnce
+import ExactlyOnceTestKit
 import ServiceLifecycle
 import Synchronization
 import Testing
@@ -11,6 +12,8 @@ final class FlakyTransport: MessageTransport {
     init(base: InMemoryTransport) { self.base = base }
     let down = Atomic<Int>(0)  // poll failures left to inject
     let commitsDown = Atomic<Int>(0)  // commit failures left to inject
+    let seeksDown = Atomic<Int>(0)  // seek failures left to inject
+    let failedSeeks = Atomic<Int>(0)
     let failedPolls = Atomic<Int>(0)
     let failedCommits = Atomic<Int>(0)
 
@@ -54,7 +57,13 @@ final class FlakyTransport: MessageTransport {
             }
             try await base.commit(offsets, generation: generation)
         }
-        func seek(_ partition: PartitionID, to offset: Offset) async throws { try await base.seek(partition, to: offset) }
+        func seek(_ partition: PartitionID, to offset: Offset) async throws {
+            if owner.takeFailure(owner.seeksDown) {
+                owner.failedSeeks.add(1, ordering: .relaxed)
+                throw ExactlyOnceError(.transportUnavailable, "broker unreachable (injected)")
+            }
+            try await base.seek(partition, to: offset)
+        }
         func committedOffset(_ partition: PartitionID) async throws -> Offset? { try await base.committedOffset(partition) }
         func close() async throws { try await base.close() }
     }
@@ -97,5 +106,51 @@ final class FlakyTransport: MessageTransport {
         let ledger = try await CouponLedger.read(from: store, coupons: Array(0..<4))
         #expect(ledger.count == 200)
         #expect(Set(ledger.map { "\($0.couponId):\($0.memberId)" }).count == 200)
+    }
+
+    /// A lane that stops early (the store refused its claims) reads its unfinished records again
+    /// through a seek; when that seek fails (the broker unreachable), the records must still be
+    /// read again, not skipped: the next step seeks before it polls. Seen on Kafka under load
+    /// as a sale that ended committed to the end with 97 of 90,000 requests never processed,
+    /// their keys left claimed.
+    @Test(arguments: [false, true])
+    func aFailedSeekDoesNotSkipTheRecordsItWasToReadAgain(concurrentLanes: Bool) async throws {
+        let t = FlakyTransport(base: try InMemoryTransport(topics: ["coupons": 2, "coupons.dlq": 1]))
+        let claims = Atomic<Int>(0)
+        // Every third claim is refused (the store unreachable): its lane stops and seeks back.
+        let store = FaultyStore(try InMemoryDedupeStore()) { op in
+            guard op == .claim else { return .none }
+            return claims.add(1, ordering: .relaxed).newValue % 3 == 0 ? .failBefore : .none
+        }
+        let requests = (0..<300 as Range<Int64>).map { CouponRequest(requestId: $0, couponId: $0 % 4, memberId: $0) }
+        for r in requests { _ = try await t.publish(r.outgoing, to: "coupons", partitioning: .modulo) }
+        var c = config("svc")
+        c.pollWait = .milliseconds(1)
+        c.maxPollRecords = 8
+        c.concurrentLanes = concurrentLanes
+        c.unavailableBackoff.initial = .milliseconds(1)
+        c.unavailableBackoff.maximum = .milliseconds(4)
+        let consumer = try ExactlyOnceConsumer(transport: t, store: store, configuration: c, logger: quietLogger,
+                                               key: CouponRequest.keyExtractor,
+                                               handler: CouponIssuer(stock: Dictionary(uniqueKeysWithValues: (0..<4).map { ($0, 50) })).handler)
+        let group = ServiceGroup(configuration: .init(services: [consumer], logger: quietLogger))
+        try await withThrowingTaskGroup(of: Void.self) { tg in
+            tg.addTask { try await group.run() }
+            for _ in 0..<2000 where !t.base.isFullyCommitted(group: "g", topic: "coupons") {
+                if t.seeksDown.load(ordering: .relaxed) == 0 && t.failedSeeks.load(ordering: .relaxed) < 30 {
+                    t.seeksDown.store(2, ordering: .relaxed)
+                }
+                try await Task.sleep(for: .milliseconds(2))
+            }
+            await group.triggerGracefulShutdown()
+            try await tg.waitForAll()
+        }
+        #expect(t.failedSeeks.load(ordering: .relaxed) > 0, "seeks failed while the service ran")
+        #expect(t.base.isFullyCommitted(group: "g", topic: "coupons"))
+        let records = try await store.base.records(for: requests.map(\.key))
+        let unfinished = requests.filter { records[$0.key]?.outcome == nil }.map(\.requestId)
+        #expect(unfinished.isEmpty, "requests committed past without an outcome: \(unfinished.count), \(unfinished.prefix(10))")
+        let ledger = try await CouponLedger.read(from: store.base, coupons: Array(0..<4))
+        #expect(ledger.count == 200)
     }
 }

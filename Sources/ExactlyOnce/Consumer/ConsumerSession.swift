@@ -43,6 +43,11 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
     private var committed: [PartitionID: Offset] = [:]
     /// Since when the store refuses each assigned partition's epoch.
     private var fencedSince: [PartitionID: ContinuousClock.Instant] = [:]
+    /// Where each partition must be read again from before the next poll: the first record of
+    /// the step's batch that is not finished, kept until the seek back to it has succeeded. A
+    /// step that ends early (a lane's error, a seek that failed) leaves it, and the next step
+    /// seeks before it polls, so records handed out and not finished are never skipped.
+    private var rereadFrom: [PartitionID: Offset] = [:]
 
     init(consumer: ExactlyOnceConsumer<Transport, Store>, subscription: Transport.Subscription) {
         self.consumer = consumer
@@ -65,26 +70,39 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
     /// ``ConsumerConfiguration/maxFencedDuration``), after committing what finished. Store
     /// trouble pauses the affected lanes (they re-read), and a commit that fails with a
     /// retriable error is left to the next commit.
+    ///
+    /// A lane that stops early reads its unfinished records again through a seek. When that
+    /// seek fails with a retriable error, the partition's records are not processed (the
+    /// member still polls, so the transport's rebalances reach it) until a later step's seek
+    /// back succeeds: records handed out and not finished are never skipped.
     @discardableResult
     public func step() async throws -> StepReport {
         let c = consumer
+        let unsought = try await seekBack()
         let poll = try await subscription.poll(maxRecords: c.configuration.maxPollRecords, maxWait: c.configuration.pollWait)
         takeAssignment(poll.assignment)
         var report = StepReport()
         report.records = poll.records.count
-        guard !poll.records.isEmpty else {
+        // A partition still waiting for its seek back is read again after it, from there.
+        let waiting = unsought.filter { rereadFrom[$0] != nil }
+        let records = waiting.isEmpty ? poll.records : poll.records.filter { !waiting.contains($0.partition) }
+        report.pausedLanes = waiting.count
+        guard !records.isEmpty else {
             recordLag(poll.endOffsets)
+            await pauseAfterOutage(report)
             return report
         }
 
         // One lane per partition, records in offset order.
         var byPartition: [PartitionID: [ConsumedRecord]] = [:]
-        for r in poll.records { byPartition[r.partition, default: []].append(r) }
+        for r in records { byPartition[r.partition, default: []].append(r) }
         let lanes = byPartition.keys.sorted().compactMap { p -> (Lane<Transport, Store>, [ConsumedRecord])? in
             guard let epoch = poll.assignment[p] else { return nil }
             let fence = PartitionFence(scope: "\(subscription.fencingScope)/\(p.rawValue)", epoch: epoch)
             return (Lane(consumer: c, memberID: memberID, partition: p, fence: fence), byPartition[p]!)
         }
+        // Until its lane says how far it got, a partition is read again from its batch's start.
+        for (lane, records) in lanes { rereadFrom[lane.partition] = records[0].offset }
         var results: [LaneResult] = []
         if c.configuration.concurrentLanes && lanes.count > 1 {
             results = try await withThrowingTaskGroup(of: LaneResult.self) { group in
@@ -103,11 +121,21 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
             report.add(r.report)
             if let o = r.commit { offsets[r.partition] = o }
             if let s = r.seek {
+                rereadFrom[r.partition] = s
                 do {
                     try await subscription.seek(r.partition, to: s)
+                    rereadFrom[r.partition] = nil
                 } catch let e as ExactlyOnceError where e.code == .staleGeneration {
                     // The partition moved on: the next poll tells, the new owner reads it again.
+                    rereadFrom[r.partition] = nil
+                } catch let e as ExactlyOnceError where e.isRetriable {
+                    // Kept: the next step seeks before it polls.
+                    c.logger.info("seek back to unfinished records failed; the next step seeks again before it polls", metadata: [
+                        "member": "\(memberID)", "partition": "\(r.partition)", "offset": "\(s)", "error": "\(e)",
+                    ])
                 }
+            } else {
+                rereadFrom[r.partition] = nil
             }
             if failure == nil { failure = r.failure }
         }
@@ -130,14 +158,19 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
         recordLag(poll.endOffsets)
         try trackFences(results)
         if let failure { throw failure }
+        await pauseAfterOutage(report)
+        return report
+    }
+
+    /// Waits out an outage when lanes paused or were fenced in this step (longer each step in a
+    /// row), and resets the streak otherwise.
+    private func pauseAfterOutage(_ report: StepReport) async {
         if report.pausedLanes > 0 || report.fencedLanes > 0 {
             unavailableStreak += 1
-            // Waits out the outage.
-            await c.wait(c.configuration.unavailableBackoff.delay(forRetry: unavailableStreak))
+            await consumer.wait(consumer.configuration.unavailableBackoff.delay(forRetry: unavailableStreak))
         } else {
             unavailableStreak = 0
         }
-        return report
     }
 
     private func takeAssignment(_ next: [PartitionID: UInt64]) {
@@ -152,9 +185,37 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
         for p in assignment.keys where next[p] != assignment[p] {
             committed[p] = nil
             fencedSince[p] = nil
+            // Revoked, or handed out again at another epoch: read from the committed offset.
+            rereadFrom[p] = nil
         }
         assignment = next
         consumer.metrics.fencedPartitions.record(fencedSince.count)
+    }
+
+    /// Makes the seeks back that an earlier step could not make (see ``rereadFrom``), for the
+    /// partitions this member still owns; returns the partitions whose seek failed again with a
+    /// retriable error (their records wait for a later step). Other errors are thrown.
+    private func seekBack() async throws -> Set<PartitionID> {
+        var failed = Set<PartitionID>()
+        for (p, offset) in rereadFrom.sorted(by: { $0.key < $1.key }) {
+            guard assignment[p] != nil else {
+                rereadFrom[p] = nil
+                continue
+            }
+            do {
+                try await subscription.seek(p, to: offset)
+                rereadFrom[p] = nil
+            } catch let e as ExactlyOnceError where e.code == .staleGeneration {
+                // Moved on: the new owner reads it from the committed offset.
+                rereadFrom[p] = nil
+            } catch let e as ExactlyOnceError where e.isRetriable {
+                failed.insert(p)
+                consumer.logger.debug("seek back to unfinished records failed again", metadata: [
+                    "member": "\(memberID)", "partition": "\(p)", "offset": "\(offset)", "error": "\(e)",
+                ])
+            }
+        }
+        return failed
     }
 
     private func recordLag(_ ends: [PartitionID: Offset]) {

@@ -114,7 +114,13 @@ public final class KafkaMockCluster: @unchecked Sendable {
         case coordinatorLoadInProgress = 14
         /// COORDINATOR_NOT_AVAILABLE (retriable: the client looks the coordinator up again).
         case coordinatorNotAvailable = 15
-        /// REBALANCE_IN_PROGRESS.
+        /// ILLEGAL_GENERATION: the group has moved past the generation the request carries. On
+        /// an OffsetCommit, librdkafka before 2.8.3 also forgets its own generation while it
+        /// rejoins (confluentinc/librdkafka#4059).
+        case illegalGeneration = 22
+        /// UNKNOWN_MEMBER_ID: the group does not know the member.
+        case unknownMemberId = 25
+        /// REBALANCE_IN_PROGRESS: on a Heartbeat, the member joins the group again.
         case rebalanceInProgress = 27
     }
 

@@ -27,6 +27,11 @@ final class ConsumerCore: @unchecked Sendable {
     var pending: [PartitionID: (offset: Int64, epoch: UInt64)] = [:]
     /// The highest offset this member committed, per assigned partition.
     var committed: [PartitionID: Int64] = [:]
+    /// The last generation this member was part of (librdkafka's generation when it had one).
+    /// It is not reset while librdkafka has none: librdkafka before 2.8.3 forgets its generation
+    /// when a commit is answered ILLEGAL_GENERATION during a rejoin (confluentinc/librdkafka#4059),
+    /// and a cooperative member keeps its partitions, at their epochs, through that rejoin; what
+    /// it finishes meanwhile is committed once the group has formed again (see ``commitsHeld(_:)``).
     var generation: Int32 = -1
     var joined = false
     var rebalanced = false
@@ -66,6 +71,14 @@ final class ConsumerCore: @unchecked Sendable {
         return -1
     }
 
+    /// Takes librdkafka's generation when it has one (see ``generation``); returns whether it has.
+    @discardableResult
+    func refreshGeneration(_ rk: OpaquePointer) -> Bool {
+        let g = currentGeneration(rk)
+        if g >= 0 { generation = g }
+        return g >= 0
+    }
+
     func rebalance(_ rk: OpaquePointer, _ err: rd_kafka_resp_err_t, _ partitions: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?) {
         let cooperative = rebalanceIsCooperative(rk)
         var listed: [PartitionID] = []
@@ -75,7 +88,7 @@ final class ConsumerCore: @unchecked Sendable {
                 if String(cString: e.topic) == topic { listed.append(PartitionID(Int(e.partition))) }
             }
         }
-        generation = currentGeneration(rk)
+        refreshGeneration(rk)
         rebalanced = true
         if err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
             let epoch = UInt64(max(0, generation))
@@ -120,8 +133,11 @@ final class ConsumerCore: @unchecked Sendable {
         onAssignment(assignment)
     }
 
-    /// Whether commits are held back now (cooperative groups only; see ``CommitHold``).
-    var commitsHeld: Bool {
+    /// Whether commits are held back now: while librdkafka has no generation (a commit would
+    /// carry none, and be refused), and in cooperative groups while the group rebalances (see
+    /// ``CommitHold``). Held commits stay in ``pending``.
+    func commitsHeld(_ rk: OpaquePointer) -> Bool {
+        if !refreshGeneration(rk) { return true }
         guard !configuration.assignor.isEager else { return false }
         return hold.isHeld()
     }
@@ -217,7 +233,7 @@ final class ConsumerCore: @unchecked Sendable {
     /// Retries pending commits of partitions still owned at the epoch they were made in (not
     /// while commits are held, unless `evenIfHeld`).
     func retryPending(_ rk: OpaquePointer, only: Set<PartitionID>? = nil, evenIfHeld: Bool = false) {
-        guard evenIfHeld || !commitsHeld else { return }
+        guard evenIfHeld || !commitsHeld(rk) else { return }
         var todo: [PartitionID: Int64] = [:]
         for (p, c) in pending {
             if let only, !only.contains(p) { continue }
@@ -414,7 +430,7 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
                     if core.rebalanced && records.isEmpty { break }
                     if !wait || ContinuousClock.now >= deadline { break }
                 }
-                core.generation = core.currentGeneration(rk)
+                core.refreshGeneration(rk)
                 var ends: [PartitionID: Offset] = [:]
                 for p in core.assignment.keys {
                     var low: Int64 = 0
@@ -448,7 +464,7 @@ public final class KafkaSubscription: TransportSubscription, @unchecked Sendable
                 if o.rawValue > (core.committed[p] ?? -1) { todo[p] = o.rawValue }
             }
             guard !todo.isEmpty else { return }
-            if core.commitsHeld {
+            if core.commitsHeld(rk) {
                 // The group is rebalancing: kept, and committed when the rebalance is over.
                 for (p, o) in todo { core.keepPending(p, o) }
                 throw ExactlyOnceError(.transportUnavailable, "commit of \(core.topic) by \(core.memberID) held while group \(group) rebalances; it is retried when the rebalance is over")

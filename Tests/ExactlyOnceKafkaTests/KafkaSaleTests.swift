@@ -319,6 +319,38 @@ struct KafkaSaleTests {
         try await sale.audit()
     }
 
+    /// A member rejoins its group (a heartbeat answered REBALANCE_IN_PROGRESS) while records
+    /// flow, and a commit it makes meanwhile is answered ILLEGAL_GENERATION: librdkafka 2.0.2
+    /// then forgets its generation until the group forms again (confluentinc/librdkafka#4059),
+    /// and, cooperative, keeps its partitions through the rebalance, so nothing is read again.
+    /// What the member finished in that window must still be committed once the group has
+    /// formed: seen under load as a sale whose partition stayed committed at 512 of 17,915 for
+    /// good, every record processed, because the commits made without a generation were
+    /// dropped as stale instead of kept.
+    @Test(arguments: KafkaTransport.Assignor.allCases)
+    func commitsRefusedWhileTheMemberRejoinsAreMadeOnceTheGroupHasFormed(assignor: KafkaTransport.Assignor) async throws {
+        let sale = try KafkaSale(seed: 14, assignor: assignor)
+        let member = try sale.startMember("a")
+        try await sale.awaitAssignment(of: ["a"])
+        let half = sale.clicks.count / 2
+        try await sale.publish(sale.clicks[..<half])
+        try await sale.awaitDrained()
+        // The fault's schedule. The next heartbeat (every 1.3 s with a 4 s session) sends the
+        // member back to JoinGroup, where the mock holds it 3 s (and holds its commits meanwhile).
+        // Its first commit after that is answered ILLEGAL_GENERATION (librdkafka forgets its
+        // generation) and its SyncGroup REBALANCE_IN_PROGRESS (it joins again, keeping its
+        // partitions: another 3 s). The second half is published over about 5 s, so records are
+        // processed all through, without a generation for the last seconds of it.
+        try sale.cluster.pushRequestErrors(.heartbeat, [.rebalanceInProgress])
+        try await Task.sleep(for: .seconds(2))
+        try sale.cluster.pushRequestErrors(.offsetCommit, [.illegalGeneration])
+        try sale.cluster.pushRequestErrors(.syncGroup, [.rebalanceInProgress])
+        try await sale.publish(sale.clicks[half...], batchSize: 25, pause: .milliseconds(150))
+        try await sale.awaitDrained()
+        await KafkaSale.stop([member])
+        try await sale.audit()
+    }
+
     /// A member is cancelled mid-sale (it leaves the group) and another joins: rebalances while
     /// records flow, cooperative (only the partitions that move are revoked) and eager (`range`,
     /// `roundrobin`: every rebalance revokes every partition of every member first).

@@ -204,6 +204,7 @@ struct SaleRunner {
                             session = nil
                         } catch let e as ExactlyOnceError where e.isRetriable {
                             // The backend is unreachable (for example Redis restarting): wait, poll again.
+                            logger.info("backend unavailable; polling again after a pause", metadata: ["member": "\(id)", "error": "\(e)"])
                             failures += 1
                             counters.unavailable.add(1, ordering: .relaxed)
                             try await Task.sleep(for: config.unavailableBackoff.delay(forRetry: failures))

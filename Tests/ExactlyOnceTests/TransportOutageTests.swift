@@ -70,35 +70,53 @@ final class FlakyTransport: MessageTransport {
 }
 
 @Suite struct TransportOutageTests {
+    /// The sale's 300 requests (4 coupons of 50, every member distinct), published to `t`.
+    static func publishSale(to t: FlakyTransport) async throws -> [CouponRequest] {
+        let requests = (0..<300 as Range<Int64>).map { CouponRequest(requestId: $0, couponId: $0 % 4, memberId: $0) }
+        for r in requests { _ = try await t.publish(r.outgoing, to: "coupons", partitioning: .modulo) }
+        return requests
+    }
+
+    /// Runs a consumer service over `t` and `store` until the group has committed every
+    /// partition to its end (or 2,000 ticks of 2 ms), calling `inject` at every tick.
+    static func runUntilCommitted<Store: DedupeStore>(
+        _ t: FlakyTransport, _ store: Store, maxPollRecords: Int, concurrentLanes: Bool = false,
+        handler: @escaping RecordHandler<Store.Transaction>, inject: () -> Void
+    ) async throws {
+        var c = config("svc")
+        c.pollWait = .milliseconds(1)
+        c.maxPollRecords = maxPollRecords
+        c.concurrentLanes = concurrentLanes
+        c.unavailableBackoff.initial = .milliseconds(1)
+        c.unavailableBackoff.maximum = .milliseconds(4)
+        let consumer = try ExactlyOnceConsumer(transport: t, store: store, configuration: c, logger: quietLogger,
+                                               key: CouponRequest.keyExtractor, handler: handler)
+        let group = ServiceGroup(configuration: .init(services: [consumer], logger: quietLogger))
+        try await withThrowingTaskGroup(of: Void.self) { tg in
+            tg.addTask { try await group.run() }
+            for _ in 0..<2000 where !t.base.isFullyCommitted(group: "g", topic: "coupons") {
+                inject()
+                try await Task.sleep(for: .milliseconds(2))
+            }
+            await group.triggerGracefulShutdown()
+            try await tg.waitForAll()
+        }
+    }
+
+    static let stock = Dictionary(uniqueKeysWithValues: (0..<4 as Range<Int64>).map { ($0, Int64(50)) })
+
     /// F8 on the transport side: polls and commits fail for a while; the service keeps running,
     /// retries with backoff, and finishes every record exactly once.
     @Test func serviceRidesOutTransportFailures() async throws {
         let t = FlakyTransport(base: try InMemoryTransport(topics: ["coupons": 2, "coupons.dlq": 1]))
         let store = try InMemoryDedupeStore()
-        for i in 0..<300 as Range<Int64> {
-            _ = try await t.publish(CouponRequest(requestId: i, couponId: i % 4, memberId: i).outgoing, to: "coupons", partitioning: .modulo)
-        }
-        var c = config("svc")
-        c.pollWait = .milliseconds(1)
-        c.maxPollRecords = 16
-        c.unavailableBackoff.initial = .milliseconds(1)
-        c.unavailableBackoff.maximum = .milliseconds(4)
-        let consumer = try ExactlyOnceConsumer(transport: t, store: store, configuration: c, logger: quietLogger,
-                                               key: CouponRequest.keyExtractor,
-                                               handler: CouponIssuer(stock: Dictionary(uniqueKeysWithValues: (0..<4).map { ($0, 50) })).handler)
-        let group = ServiceGroup(configuration: .init(services: [consumer], logger: quietLogger))
-        try await withThrowingTaskGroup(of: Void.self) { tg in
-            tg.addTask { try await group.run() }
-            // Outages in bursts while the service runs.
-            for _ in 0..<2000 where !t.base.isFullyCommitted(group: "g", topic: "coupons") {
-                if t.down.load(ordering: .relaxed) == 0 && t.failedPolls.load(ordering: .relaxed) + t.failedCommits.load(ordering: .relaxed) < 40 {
-                    t.down.store(5, ordering: .relaxed)
-                    t.commitsDown.store(2, ordering: .relaxed)
-                }
-                try await Task.sleep(for: .milliseconds(2))
+        _ = try await Self.publishSale(to: t)
+        // Outages in bursts while the service runs.
+        try await Self.runUntilCommitted(t, store, maxPollRecords: 16, handler: CouponIssuer(stock: Self.stock).handler) {
+            if t.down.load(ordering: .relaxed) == 0 && t.failedPolls.load(ordering: .relaxed) + t.failedCommits.load(ordering: .relaxed) < 40 {
+                t.down.store(5, ordering: .relaxed)
+                t.commitsDown.store(2, ordering: .relaxed)
             }
-            await group.triggerGracefulShutdown()
-            try await tg.waitForAll()
         }
         #expect(t.base.isFullyCommitted(group: "g", topic: "coupons"))
         #expect(t.failedPolls.load(ordering: .relaxed) > 0, "polls failed while the service ran")
@@ -122,28 +140,12 @@ final class FlakyTransport: MessageTransport {
             guard op == .claim else { return .none }
             return claims.add(1, ordering: .relaxed).newValue % 3 == 0 ? .failBefore : .none
         }
-        let requests = (0..<300 as Range<Int64>).map { CouponRequest(requestId: $0, couponId: $0 % 4, memberId: $0) }
-        for r in requests { _ = try await t.publish(r.outgoing, to: "coupons", partitioning: .modulo) }
-        var c = config("svc")
-        c.pollWait = .milliseconds(1)
-        c.maxPollRecords = 8
-        c.concurrentLanes = concurrentLanes
-        c.unavailableBackoff.initial = .milliseconds(1)
-        c.unavailableBackoff.maximum = .milliseconds(4)
-        let consumer = try ExactlyOnceConsumer(transport: t, store: store, configuration: c, logger: quietLogger,
-                                               key: CouponRequest.keyExtractor,
-                                               handler: CouponIssuer(stock: Dictionary(uniqueKeysWithValues: (0..<4).map { ($0, 50) })).handler)
-        let group = ServiceGroup(configuration: .init(services: [consumer], logger: quietLogger))
-        try await withThrowingTaskGroup(of: Void.self) { tg in
-            tg.addTask { try await group.run() }
-            for _ in 0..<2000 where !t.base.isFullyCommitted(group: "g", topic: "coupons") {
-                if t.seeksDown.load(ordering: .relaxed) == 0 && t.failedSeeks.load(ordering: .relaxed) < 30 {
-                    t.seeksDown.store(2, ordering: .relaxed)
-                }
-                try await Task.sleep(for: .milliseconds(2))
+        let requests = try await Self.publishSale(to: t)
+        try await Self.runUntilCommitted(t, store, maxPollRecords: 8, concurrentLanes: concurrentLanes,
+                                         handler: CouponIssuer(stock: Self.stock).handler) {
+            if t.seeksDown.load(ordering: .relaxed) == 0 && t.failedSeeks.load(ordering: .relaxed) < 30 {
+                t.seeksDown.store(2, ordering: .relaxed)
             }
-            await group.triggerGracefulShutdown()
-            try await tg.waitForAll()
         }
         #expect(t.failedSeeks.load(ordering: .relaxed) > 0, "seeks failed while the service ran")
         #expect(t.base.isFullyCommitted(group: "g", topic: "coupons"))

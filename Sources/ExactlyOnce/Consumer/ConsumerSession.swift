@@ -45,8 +45,8 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
     private var fencedSince: [PartitionID: ContinuousClock.Instant] = [:]
     /// Where each partition must be read again from before the next poll: the first record of
     /// the step's batch that is not finished, kept until the seek back to it has succeeded. A
-    /// step that ends early (a lane's error, a seek that failed) leaves it, and the next step
-    /// seeks before it polls, so records handed out and not finished are never skipped.
+    /// step that ends early (a lane's error) leaves its batch's start, and every step seeks
+    /// before it polls, so records handed out and not finished are never skipped.
     private var rereadFrom: [PartitionID: Offset] = [:]
 
     init(consumer: ExactlyOnceConsumer<Transport, Store>, subscription: Transport.Subscription) {
@@ -71,10 +71,11 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
     /// trouble pauses the affected lanes (they re-read), and a commit that fails with a
     /// retriable error is left to the next commit.
     ///
-    /// A lane that stops early reads its unfinished records again through a seek. When that
-    /// seek fails with a retriable error, the partition's records are not processed (the
-    /// member still polls, so the transport's rebalances reach it) until a later step's seek
-    /// back succeeds: records handed out and not finished are never skipped.
+    /// A lane that stops early reads its unfinished records again through a seek, which the
+    /// next step makes before it polls. When that seek fails with a retriable error, the
+    /// partition's records are not processed (the member still polls, so the transport's
+    /// rebalances reach it) until a later step's seek succeeds: records handed out and not
+    /// finished are never skipped.
     @discardableResult
     public func step() async throws -> StepReport {
         let c = consumer
@@ -120,23 +121,8 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
         for r in results {
             report.add(r.report)
             if let o = r.commit { offsets[r.partition] = o }
-            if let s = r.seek {
-                rereadFrom[r.partition] = s
-                do {
-                    try await subscription.seek(r.partition, to: s)
-                    rereadFrom[r.partition] = nil
-                } catch let e as ExactlyOnceError where e.code == .staleGeneration {
-                    // The partition moved on: the next poll tells, the new owner reads it again.
-                    rereadFrom[r.partition] = nil
-                } catch let e as ExactlyOnceError where e.isRetriable {
-                    // Kept: the next step seeks before it polls.
-                    c.logger.info("seek back to unfinished records failed; the next step seeks again before it polls", metadata: [
-                        "member": "\(memberID)", "partition": "\(r.partition)", "offset": "\(s)", "error": "\(e)",
-                    ])
-                }
-            } else {
-                rereadFrom[r.partition] = nil
-            }
+            // From its first unfinished record, if any: the next step seeks there before it polls.
+            rereadFrom[r.partition] = r.seek
             if failure == nil { failure = r.failure }
         }
         if !offsets.isEmpty {
@@ -192,9 +178,9 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
         consumer.metrics.fencedPartitions.record(fencedSince.count)
     }
 
-    /// Makes the seeks back that an earlier step could not make (see ``rereadFrom``), for the
-    /// partitions this member still owns; returns the partitions whose seek failed again with a
-    /// retriable error (their records wait for a later step). Other errors are thrown.
+    /// Seeks back to what earlier steps left unfinished (see ``rereadFrom``), for the partitions
+    /// this member still owns; returns the partitions whose seek failed with a retriable error
+    /// (their records wait for a later step). Other errors are thrown.
     private func seekBack() async throws -> Set<PartitionID> {
         var failed = Set<PartitionID>()
         for (p, offset) in rereadFrom.sorted(by: { $0.key < $1.key }) {
@@ -210,7 +196,7 @@ public final class ConsumerSession<Transport: MessageTransport, Store: DedupeSto
                 rereadFrom[p] = nil
             } catch let e as ExactlyOnceError where e.isRetriable {
                 failed.insert(p)
-                consumer.logger.debug("seek back to unfinished records failed again", metadata: [
+                consumer.logger.info("seek back to unfinished records failed; their partition waits for the next step's seek", metadata: [
                     "member": "\(memberID)", "partition": "\(p)", "offset": "\(offset)", "error": "\(e)",
                 ])
             }

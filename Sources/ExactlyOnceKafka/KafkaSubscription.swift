@@ -233,7 +233,7 @@ final class ConsumerCore: @unchecked Sendable {
     /// Retries pending commits of partitions still owned at the epoch they were made in (not
     /// while commits are held, unless `evenIfHeld`).
     func retryPending(_ rk: OpaquePointer, only: Set<PartitionID>? = nil, evenIfHeld: Bool = false) {
-        guard evenIfHeld || !commitsHeld(rk) else { return }
+        guard !pending.isEmpty, evenIfHeld || !commitsHeld(rk) else { return }
         var todo: [PartitionID: Int64] = [:]
         for (p, c) in pending {
             if let only, !only.contains(p) { continue }

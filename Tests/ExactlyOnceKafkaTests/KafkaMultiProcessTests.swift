@@ -259,9 +259,14 @@ struct KafkaMultiProcessTests {
             defer { try? FileManager.default.removeItem(at: dir) }
             let mock = try await Mock.start(in: dir, partitions: 1)
             let requests = 90_000  // the mock keeps at most 100,000 records per partition
-            let sale = saleArguments(server, mock, seed: 44, requests: requests, partitions: 1, extra: ["--crash-rate", "0", "--stall-timeout", "5"])
-            func consumer(_ name: String) throws -> ChildProcess {
-                try ChildProcess(Self.demo, sale + ["--role", "consume", "--member-id", name, "--log-level", "info", "--json"], outputIn: dir, name: name)
+            let sale = saleArguments(server, mock, seed: 44, requests: requests, partitions: 1, extra: ["--crash-rate", "0"])
+            // The lone and the idle member stall after 5 s. The owner gets 60 s: its clock runs
+            // from its own start, through the idle member's join and the publisher's start, and
+            // under CI load that took over 5 s once (the owner gave up before the first record
+            // and the idle member consumed the sale).
+            func consumer(_ name: String, stallTimeout: Int = 5) throws -> ChildProcess {
+                try ChildProcess(Self.demo, sale + ["--role", "consume", "--member-id", name, "--stall-timeout", "\(stallTimeout)", "--log-level", "info", "--json"],
+                                 outputIn: dir, name: name)
             }
 
             let lone = try consumer("lone")
@@ -270,7 +275,7 @@ struct KafkaMultiProcessTests {
             #expect(ContinuousClock.now - started < .seconds(60), "the stalled consumer exits soon after its stall timeout")
             #expect(lone.stderr.contains("coupon-demo: the sale made no progress for 5 s"), "\(lone.stderr.suffix(2000))")
 
-            let owner = try consumer("owner")
+            let owner = try consumer("owner", stallTimeout: 60)
             let deadline = ContinuousClock.now + .seconds(60)
             while Self.owned(by: owner) != [0] {
                 try #require(ContinuousClock.now < deadline && owner.isRunning, "owner never got the partition: \(owner.stderr.suffix(2000))")
